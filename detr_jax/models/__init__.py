@@ -1,0 +1,98 @@
+"""DETR model: `build_model(config.model)` and `param_labels(params, config.model)`."""
+
+from typing import Any
+
+import jax
+import ml_collections
+
+from detr_jax.models import resnet
+from detr_jax.models.detr import DETR
+from detr_jax.models.detr import DTYPES
+from detr_jax.models.detr import POSITION_EMBEDDINGS
+
+TRAIN_BACKBONE_FROM = ("stem", "layer1", "layer2", "layer3", "layer4", "none")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+__all__ = ["DETR", "build_model", "param_labels"]
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> DETR:
+  """Builds the DETR module described by `config.model`.
+
+  Args:
+    model_config: config.model (fields as in configs/detr_r50_coco.py).
+
+  Returns:
+    An unbound flax.linen DETR module.
+  """
+  cfg = model_config
+  resnet.check_backbone_name(cfg.backbone)
+  if cfg.get("dilation", False) and cfg.backbone not in ("resnet50", "resnet101"):
+    raise ValueError(f"config.model.dilation (DC5) needs resnet50 or resnet101, got "
+                     f"{cfg.backbone!r}.")
+  position_embedding = cfg.get("position_embedding", "sine")
+  if position_embedding not in POSITION_EMBEDDINGS:
+    raise ValueError(f"Unknown config.model.position_embedding {position_embedding!r}; "
+                     f"use one of {POSITION_EMBEDDINGS}.")
+  dtype_name = cfg.get("dtype", "float32")
+  if dtype_name not in DTYPES:
+    raise ValueError(f"Unknown config.model.dtype {dtype_name!r}; use one of {sorted(DTYPES)}.")
+  if cfg.hidden_dim % cfg.num_heads or cfg.hidden_dim % 2:
+    raise ValueError(f"config.model.hidden_dim ({cfg.hidden_dim}) must be even and divisible by "
+                     f"num_heads ({cfg.num_heads}).")
+  implementation = cfg.get("attention_implementation", None)
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"Unknown config.model.attention_implementation {implementation!r}; use one "
+                     f"of {ATTENTION_IMPLEMENTATIONS}.")
+  _train_backbone_index(cfg)  # fail at build time, not when the optimizer is made
+  return DETR(
+      backbone=cfg.backbone,
+      dilation=bool(cfg.get("dilation", False)),
+      position_embedding=position_embedding,
+      hidden_dim=cfg.hidden_dim,
+      num_heads=cfg.num_heads,
+      enc_layers=cfg.enc_layers,
+      dec_layers=cfg.dec_layers,
+      dim_feedforward=cfg.dim_feedforward,
+      dropout=float(cfg.dropout),
+      pre_norm=bool(cfg.get("pre_norm", False)),
+      num_queries=cfg.num_queries,
+      num_classes=cfg.num_classes,
+      aux_loss=bool(cfg.get("aux_loss", True)),
+      attention_implementation=implementation,
+      dtype=DTYPES[dtype_name])
+
+
+def _train_backbone_index(model_config) -> int:
+  value = model_config.get("train_backbone_from", "layer2")
+  if value not in TRAIN_BACKBONE_FROM:
+    raise ValueError(f"Unknown config.model.train_backbone_from {value!r}; use one of "
+                     f"{TRAIN_BACKBONE_FROM} (the backbone stages before it are frozen).")
+  return TRAIN_BACKBONE_FROM.index(value)
+
+
+def param_labels(params: Any, model_config: ml_collections.ConfigDict) -> Any:
+  """Labels every parameter "frozen", "backbone" or "transformer" (for optax.multi_transform).
+
+  Backbone stages before `config.model.train_backbone_from` are "frozen", the later ones
+  "backbone"; everything outside the backbone (input_proj, transformer, queries, heads, learned
+  position embedding) is "transformer".
+
+  Args:
+    params: the "params" collection (or any tree with the same top-level layout).
+    model_config: config.model.
+
+  Returns:
+    A tree with the structure of `params` and string leaves.
+  """
+  first_trained = _train_backbone_index(model_config)
+  stages = resnet.stage_names()
+
+  def label(path, _):
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if not keys or keys[0] != "backbone":
+      return "transformer"
+    stage = stages.index(resnet.stage_of(str(keys[1])))
+    return "frozen" if stage < first_trained else "backbone"
+
+  return jax.tree_util.tree_map_with_path(label, params)

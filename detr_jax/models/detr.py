@@ -1,0 +1,132 @@
+"""The DETR detector: backbone -> input_proj -> transformer -> class and box heads.
+
+Equal to the official `models/detr.py` (`DETR.forward`) given the same weights: the padding mask is
+downsampled with PyTorch's nearest rule, positions use the sine (or learned) embedding, and the
+same two heads serve every decoder layer (aux outputs for layers 0..L-2).
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from detr_jax.models import position_encoding
+from detr_jax.models import resnet
+from detr_jax.models import transformer as transformer_lib
+
+POSITION_EMBEDDINGS = ("sine", "learned")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def validate_inputs(images: jax.Array, pixel_mask: jax.Array) -> None:
+  """Raises ValueError when images/pixel_mask do not have the model's input layout (static check)."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be [batch, height, width, 3] (channels last, RGB), got shape "
+                     f"{tuple(images.shape)}.")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images must be a normalised float array, got dtype {images.dtype}.")
+  if pixel_mask.ndim != 3 or tuple(pixel_mask.shape) != tuple(images.shape[:3]):
+    raise ValueError(f"pixel_mask must be [batch, height, width] = {tuple(images.shape[:3])} "
+                     f"(True on real pixels), got shape {tuple(pixel_mask.shape)}.")
+  if not (jnp.issubdtype(pixel_mask.dtype, jnp.bool_) or
+          jnp.issubdtype(pixel_mask.dtype, jnp.integer)):
+    raise ValueError(f"pixel_mask must be bool (or 0/1 integers), got dtype {pixel_mask.dtype}.")
+
+
+class MLP(nn.Module):
+  """Official `MLP`: Linear layers with ReLU between (PyTorch default init)."""
+  hidden_dim: int
+  output_dim: int
+  num_layers: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.num_layers):
+      features = self.output_dim if i == self.num_layers - 1 else self.hidden_dim
+      x = nn.Dense(features, kernel_init=transformer_lib.torch_kernel_init,
+                   bias_init=transformer_lib.torch_bias_init(x.shape[-1]), dtype=self.dtype,
+                   param_dtype=jnp.float32, name=f"layers_{i}")(x)
+      if i < self.num_layers - 1:
+        x = nn.relu(x)
+    return x
+
+
+class DETR(nn.Module):
+  """DETR object detector.
+
+  Attributes mirror `config.model` (see configs/detr_r50_coco.py); `dtype` is the compute dtype,
+  parameters are always float32.
+  """
+  backbone: str = "resnet50"
+  dilation: bool = False
+  position_embedding: str = "sine"
+  hidden_dim: int = 256
+  num_heads: int = 8
+  enc_layers: int = 6
+  dec_layers: int = 6
+  dim_feedforward: int = 2048
+  dropout: float = 0.1
+  pre_norm: bool = False
+  num_queries: int = 100
+  num_classes: int = 91
+  aux_loss: bool = True
+  attention_implementation: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, pixel_mask: jax.Array,
+               train: bool = False) -> dict[str, Any]:
+    """Detects objects.
+
+    Args:
+      images: float [B, H, W, 3], normalised.
+      pixel_mask: bool [B, H, W], True on real pixels (images are padded bottom/right).
+      train: enables dropout (needs rngs={"dropout": key}).
+
+    Returns:
+      dict with pred_logits float32 [B, Q, num_classes + 1], pred_boxes float32 [B, Q, 4]
+      (cxcywh in [0, 1] of the unpadded image) and aux_outputs (list of dec_layers - 1 such dicts,
+      layers 0..L-2; empty without aux_loss).
+    """
+    validate_inputs(images, pixel_mask)
+    d_model = self.hidden_dim
+    features = resnet.ResNet(self.backbone, self.dilation, self.dtype, name="backbone")(images)
+    batch, height, width, channels = features.shape
+    mask = position_encoding.downsample_mask(pixel_mask, (height, width))  # [B, h, w]
+
+    if self.position_embedding == "sine":
+      pos = position_encoding.sine_position_embedding(mask, d_model // 2)
+    elif self.position_embedding == "learned":
+      pos = position_encoding.LearnedPositionEmbedding(d_model // 2,
+                                                       name="position_embedding")(mask)
+    else:
+      raise ValueError(f"Unknown position_embedding {self.position_embedding!r}; "
+                       f"use one of {POSITION_EMBEDDINGS}.")
+
+    src = nn.Conv(d_model, (1, 1), kernel_init=transformer_lib.torch_kernel_init,
+                  bias_init=transformer_lib.torch_bias_init(channels), dtype=self.dtype,
+                  param_dtype=jnp.float32, name="input_proj")(features)
+    query_embed = nn.Embed(self.num_queries, d_model, embedding_init=nn.initializers.normal(1.0),
+                           name="query_embed").embedding  # [Q, D]
+    hidden = transformer_lib.Transformer(
+        num_heads=self.num_heads, enc_layers=self.enc_layers, dec_layers=self.dec_layers,
+        dim_feedforward=self.dim_feedforward, dropout=self.dropout, pre_norm=self.pre_norm,
+        attention_implementation=self.attention_implementation, dtype=self.dtype,
+        name="transformer")(
+            src.reshape(batch, height * width, d_model),
+            mask.reshape(batch, height * width),
+            pos.reshape(batch, height * width, d_model).astype(self.dtype),
+            query_embed,
+            train)  # [L, B, Q, D]
+
+    logits = nn.Dense(self.num_classes + 1, kernel_init=transformer_lib.torch_kernel_init,
+                      bias_init=transformer_lib.torch_bias_init(d_model), dtype=self.dtype,
+                      param_dtype=jnp.float32, name="class_embed")(hidden)
+    boxes = MLP(d_model, 4, 3, self.dtype, name="bbox_embed")(hidden)
+    logits = logits.astype(jnp.float32)
+    boxes = jax.nn.sigmoid(boxes.astype(jnp.float32))
+    aux = ([{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(self.dec_layers - 1)]
+           if self.aux_loss else [])
+    return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}

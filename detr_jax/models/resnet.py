@@ -1,0 +1,190 @@
+"""Torchvision-layout ResNet backbone with frozen BatchNorm, as used by DETR.
+
+The layout (module names, strides on the 3x3 conv of Bottleneck v1.5, explicit PyTorch padding) and
+the initialisation follow torchvision's `resnet.py`, so a torchvision or DETR state_dict maps 1:1 on
+this module tree (see `detr_jax.convert`). BatchNorm is torchvision's `FrozenBatchNorm2d` as in
+DETR: its four tensors live in the "batch_stats" collection and are constants.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# name -> (block type, blocks per stage)
+RESNET_ARCHS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+}
+_EXPANSION = {"basic": 1, "bottleneck": 4}
+_STAGE_WIDTHS = (64, 128, 256, 512)
+FROZEN_BN_EPS = 1e-5
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), i.e. std sqrt(2 / fan_out).
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def check_backbone_name(name: str) -> None:
+  """Raises ValueError if `name` is not a supported ResNet."""
+  if name not in RESNET_ARCHS:
+    raise ValueError(
+        f"Unknown backbone {name!r}; config.model.backbone must be one of {sorted(RESNET_ARCHS)}.")
+
+
+def backbone_channels(name: str) -> int:
+  """Number of channels of the last stage of ResNet `name` (512 or 2048)."""
+  check_backbone_name(name)
+  block, _ = RESNET_ARCHS[name]
+  return _STAGE_WIDTHS[-1] * _EXPANSION[block]
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics and affine (torchvision `FrozenBatchNorm2d`).
+
+  y = x * scale' + bias' with scale' = scale * rsqrt(var + eps), bias' = bias - mean * scale',
+  computed in float32 in the same order as torchvision so converted weights match to round-off.
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.variable("batch_stats", "scale", jnp.ones, (features,), jnp.float32).value
+    bias = self.variable("batch_stats", "bias", jnp.zeros, (features,), jnp.float32).value
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32).value
+    var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32).value
+    # Constants by design: no gradient may reach them even if a caller differentiates them.
+    scale, bias, mean, var = (jax.lax.stop_gradient(v) for v in (scale, bias, mean, var))
+    folded_scale = scale * jax.lax.rsqrt(var + FROZEN_BN_EPS)
+    folded_bias = bias - mean * folded_scale
+    return x * folded_scale.astype(self.dtype) + folded_bias.astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str = "",
+          dtype: Any = jnp.float32) -> nn.Conv:
+  # PyTorch padding (dilation * (k - 1) // 2 on each side), never "SAME": odd input sizes must give
+  # torchvision's output shapes (SAME pads asymmetrically when the stride is 2).
+  pad = dilation * (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad),) * 2,
+                 kernel_dilation=(dilation, dilation), use_bias=False, kernel_init=_conv_init,
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class BasicBlock(nn.Module):
+  """ResNet-18/34 block: two 3x3 convs."""
+  width: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    identity = x
+    y = _conv(self.width, 3, self.stride, self.dilation, "conv1", self.dtype)(x)
+    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = _conv(self.width, 3, 1, self.dilation, "conv2", self.dtype)(y)
+    y = FrozenBatchNorm(self.dtype, name="bn2")(y)
+    if self.downsample:
+      identity = _conv(self.width, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
+      identity = FrozenBatchNorm(self.dtype, name="downsample_bn")(identity)
+    return nn.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+  """ResNet-50/101 block, v1.5: the stride sits on the 3x3 conv (torchvision)."""
+  width: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    identity = x
+    y = _conv(self.width, 1, name="conv1", dtype=self.dtype)(x)
+    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = _conv(self.width, 3, self.stride, self.dilation, "conv2", self.dtype)(y)
+    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn2")(y))
+    y = _conv(self.width * 4, 1, name="conv3", dtype=self.dtype)(y)
+    y = FrozenBatchNorm(self.dtype, name="bn3")(y)
+    if self.downsample:
+      identity = _conv(self.width * 4, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
+      identity = FrozenBatchNorm(self.dtype, name="downsample_bn")(identity)
+    return nn.relu(y + identity)
+
+
+class ResNet(nn.Module):
+  """ResNet body up to layer4 (no pooling/fc), returning the stride-32 (DC5: 16) feature map.
+
+  Attributes:
+    arch: one of RESNET_ARCHS.
+    dilation: DC5; layer4 uses dilation 2 instead of stride 2, as torchvision's
+      `replace_stride_with_dilation=[False, False, True]`.
+    dtype: compute dtype.
+  """
+  arch: str = "resnet50"
+  dilation: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """Args: images [B, H, W, 3]. Returns: features [B, h, w, 512 or 2048]."""
+    check_backbone_name(self.arch)
+    block_type, stage_sizes = RESNET_ARCHS[self.arch]
+    if block_type == "basic" and self.dilation:
+      raise ValueError(f"config.model.dilation (DC5) needs a Bottleneck ResNet (resnet50/101); "
+                       f"torchvision's BasicBlock ({self.arch}) does not support dilation.")
+    block_cls = BasicBlock if block_type == "basic" else Bottleneck
+    expansion = _EXPANSION[block_type]
+
+    x = images.astype(self.dtype)
+    x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+                kernel_init=_conv_init, dtype=self.dtype, param_dtype=jnp.float32,
+                name="conv1")(x)
+    x = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+
+    in_channels = 64
+    current_dilation = 1
+    for stage, (width, num_blocks) in enumerate(zip(_STAGE_WIDTHS, stage_sizes)):
+      stride = 1 if stage == 0 else 2
+      previous_dilation = current_dilation
+      if self.dilation and stage == 3:
+        # torchvision `_make_layer(dilate=True)`: the first block keeps the previous dilation.
+        current_dilation *= stride
+        stride = 1
+      for j in range(num_blocks):
+        first = j == 0
+        x = block_cls(
+            width=width,
+            stride=stride if first else 1,
+            dilation=previous_dilation if first else current_dilation,
+            downsample=first and (stride != 1 or in_channels != width * expansion),
+            dtype=self.dtype,
+            name=f"layer{stage + 1}_{j}")(x)
+        in_channels = width * expansion
+    return x
+
+
+def feature_stride(dilation: bool) -> int:
+  """Total stride of the backbone output (32, or 16 for DC5)."""
+  return 16 if dilation else 32
+
+
+def stage_of(module_name: str) -> str:
+  """Maps a top-level backbone submodule name to its stage ("stem", "layer1".."layer4")."""
+  if module_name in ("conv1", "bn1"):
+    return "stem"
+  stage = module_name.split("_")[0]
+  if stage not in ("layer1", "layer2", "layer3", "layer4"):
+    raise ValueError(f"Not a ResNet backbone module: {module_name!r}.")
+  return stage
+
+
+def stage_names() -> Sequence[str]:
+  """Backbone stages in forward order."""
+  return ("stem", "layer1", "layer2", "layer3", "layer4")

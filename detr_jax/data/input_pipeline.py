@@ -1,0 +1,381 @@
+"""Input pipeline: TFDS records -> augmented, padded, bucketed numpy batches for the train step.
+
+Public API (the team contract):
+
+    info = dataset_info(config.dataset)
+    it = create_train_iterator(config, start_step=0, process_index=None, process_count=None)
+    it = create_eval_iterator(config, process_index=None, process_count=None)
+    batch = make_global_batch(local_batch, mesh)
+
+Determinism and resume. Each process reads its own shard of the train split
+(`tfds.even_splits(..., drop_remainder=True)`, equal sizes). An epoch is `steps_per_epoch` local
+batches, `steps_per_epoch = usable examples per shard // local batch`, the same on every process.
+Epoch e reads the shard with TFDS file shuffling and a shuffle buffer, both seeded by
+(config.seed, e); example j of the epoch is augmented with stateless random ops seeded by
+(config.seed, e, process_index, j). So batch k is a function of (config.seed, k) only, and
+`start_step=k` starts at epoch k // steps_per_epoch and skips (k % steps_per_epoch) * b records
+of that epoch before their images are decoded.
+
+Static shapes. Each batch is padded (bottom/right, `pixel_mask` False there) to the smallest
+bucket of config.dataset.buckets that holds every image of the batch; an image that fits no
+bucket is first resized down, aspect kept, to fit the largest one. The buckets must include one
+that holds all the others. Targets are padded to config.dataset.max_boxes with `valid`; boxes
+beyond it are dropped, counted and logged (`TrainIterator.num_dropped_boxes`).
+
+Training drops crowd boxes and boxes without area; images without any training box are not used
+for training (they stay in evaluation). Eval batches also carry every original annotation for
+COCO evaluation and are padded at the end with filler examples (`example_valid` False), so every
+eval example appears exactly once across all processes.
+"""
+
+import functools
+from typing import Any, Iterator, NamedTuple
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from detr_jax.data import sources
+from detr_jax.data import transforms
+
+tf.config.set_visible_devices([], "GPU")  # tf.data only: keep TensorFlow off the accelerators
+
+_COUNT_CACHE = {}
+
+
+class DatasetInfo(NamedTuple):
+  num_classes: int  # max label id + 1 (the model's config.model.num_classes)
+  class_names: dict
+  num_train_examples: int
+  num_eval_examples: int
+
+
+def dataset_info(ds_config) -> DatasetInfo:
+  """Number of classes, class names and split sizes of config.dataset (prepares it if needed)."""
+  source = sources.get_source(ds_config)
+  splits = source.builder.info.splits
+  sizes = [splits[s].num_examples if s in splits else 0  # a folder without eval files
+           for s in (source.train_split, source.eval_split)]
+  return DatasetInfo(source.num_classes, dict(source.class_names), *sizes)
+
+
+def _process(process_index, process_count):
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+  return process_index, process_count
+
+
+def _local_batch_size(batch_size, process_count, what):
+  if batch_size % process_count:
+    raise ValueError(f"config.{what}={batch_size} does not divide by the {process_count} "
+                     "processes: use a multiple of the process count.")
+  return batch_size // process_count
+
+
+def sorted_buckets(ds_config):
+  """Buckets sorted smallest first; checks one of them holds all the others."""
+  buckets = sorted({(int(h), int(w)) for h, w in ds_config.buckets}, key=lambda b: (b[0] * b[1], b))
+  if not buckets:
+    raise ValueError("config.dataset.buckets is empty: give at least one (height, width).")
+  max_h = max(b[0] for b in buckets)
+  max_w = max(b[1] for b in buckets)
+  if (max_h, max_w) not in buckets:
+    raise ValueError(f"config.dataset.buckets={buckets} has no bucket that holds all the others, "
+                     f"so a batch mixing them would fit none: add ({max_h}, {max_w}).")
+  return buckets
+
+
+def _pad_to_bucket(batch, buckets):
+  """Pads a batch (padded to its largest image) to the smallest bucket that holds it."""
+  height = tf.shape(batch["images"])[1]
+  width = tf.shape(batch["images"])[2]
+  bucket_h = tf.constant([b[0] for b in buckets], tf.int32)
+  bucket_w = tf.constant([b[1] for b in buckets], tf.int32)
+  fits = (bucket_h >= height) & (bucket_w >= width)
+  index = tf.argmax(tf.cast(fits, tf.int32))  # first fit: buckets are sorted smallest first
+  pad_h = bucket_h[index] - height
+  pad_w = bucket_w[index] - width
+  batch = dict(batch)
+  batch["images"] = tf.pad(batch["images"], [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+  batch["pixel_mask"] = tf.pad(batch["pixel_mask"], [[0, 0], [0, pad_h], [0, pad_w]])
+  return batch
+
+
+def _pad_rows(values, max_boxes):
+  """Pads/truncates the leading axis of values to max_boxes."""
+  values = values[:max_boxes]
+  padding = [[0, max_boxes - tf.shape(values)[0]]] + [[0, 0]] * (len(values.shape) - 1)
+  return tf.pad(values, padding)
+
+
+def _targets(boxes, labels, max_boxes):
+  num = tf.shape(labels)[0]
+  return {
+      "labels": _pad_rows(tf.cast(labels, tf.int32), max_boxes),
+      "boxes": tf.ensure_shape(_pad_rows(boxes, max_boxes), [max_boxes, 4]),
+      "valid": tf.range(max_boxes) < num,
+      "num_dropped_boxes": tf.maximum(num - max_boxes, 0),
+  }
+
+
+def _without_crowd(example):
+  keep = tf.logical_not(example["is_crowd"])
+  example = dict(example)
+  example["boxes"] = tf.boolean_mask(example["boxes"], keep)
+  example["labels"] = tf.boolean_mask(example["labels"], keep)
+  return example
+
+
+def _example_seed(seed, epoch, process_index, position):
+  key = tf.constant([seed & 0x7FFFFFFF, 0x5EED], tf.int64)
+  for data in (epoch, process_index):
+    key = tf.random.experimental.stateless_fold_in(key, data)
+  return tf.random.experimental.stateless_fold_in(key, position)
+
+
+def _train_example(position, raw, *, source, ds_config, seed, epoch, process_index, max_boxes):
+  example = _without_crowd(source.decode(raw))
+  height = tf.shape(example["image"])[0]
+  width = tf.shape(example["image"])[1]
+  key = _example_seed(seed, epoch, process_index, position)
+  flip, region, out_size = transforms.train_geometry(key, height, width, ds_config)
+  image, boxes, labels = transforms.apply_geometry(example, flip, region, out_size)
+  return {"images": image, "pixel_mask": tf.ones(out_size, tf.bool),
+          **_targets(boxes, labels, max_boxes)}
+
+
+def _count_usable(source, split):
+  """Records of split with a training box (counted once per process, then cached)."""
+  if source.all_train_usable:
+    return source.builder.info.splits[split].num_examples
+  key = (str(source.builder.data_path), str(split))
+  if key not in _COUNT_CACHE:
+    logging.info("Counting the images with a training box in %s (one pass, boxes only).", split)
+    ds = source.builder.as_dataset(split=split, decoders=source.decoders)
+    ds = ds.filter(source.has_training_boxes)
+    _COUNT_CACHE[key] = int(ds.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+  return _COUNT_CACHE[key]
+
+
+def _epoch_seed(seed, epoch):
+  return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class TrainIterator(Iterator[dict]):
+  """Infinite iterator of this process's training batches (numpy dicts); see module docstring.
+
+  Attributes:
+    steps_per_epoch: local batches per epoch (the same on every process).
+    step: index of the next batch.
+    num_dropped_boxes: boxes dropped so far because an image had more than max_boxes.
+    num_dropped_images: records of the shard skipped for having no training box.
+  """
+
+  def __init__(self, config, start_step, process_index, process_count):
+    ds_config = config.dataset
+    self._config = config
+    self._process_index = process_index
+    self._source = sources.get_source(ds_config)
+    self._buckets = sorted_buckets(ds_config)
+    self._batch_size = _local_batch_size(config.batch_size, process_count, "batch_size")
+    self._splits = tfds.even_splits(self._source.train_split, n=process_count,
+                                    drop_remainder=True)
+    split_sizes = [self._source.builder.info.splits[s].num_examples for s in self._splits]
+    if min(split_sizes) == 0:
+      raise ValueError(f"Train split {self._source.train_split!r} of {ds_config.name} has "
+                       f"{sum(split_sizes)} examples, too few for {process_count} processes.")
+    # Every process must agree on the epoch length: the smallest shard sets it.
+    usable = min(_count_usable(self._source, s) for s in self._splits)
+    self.num_dropped_images = split_sizes[process_index] - _count_usable(
+        self._source, self._splits[process_index])
+    if self.num_dropped_images:
+      logging.info("%d train images have no training box (only crowd or empty boxes) and are "
+                   "not used for training.", self.num_dropped_images)
+    self.steps_per_epoch = usable // self._batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"The train shard holds {usable} usable images, fewer than one local "
+                       f"batch of {self._batch_size}: lower config.batch_size or add images.")
+    self.step = int(start_step)
+    self.num_dropped_boxes = 0
+    self._batches = self._generate(self.step)
+
+  def _epoch_dataset(self, epoch, skip_batches):
+    ds_config = self._config.dataset
+    epoch_seed = _epoch_seed(int(self._config.seed), epoch)
+    read_config = tfds.ReadConfig(shuffle_seed=epoch_seed, try_autocache=False)
+    ds = self._source.builder.as_dataset(
+        split=self._splits[self._process_index], shuffle_files=True, read_config=read_config,
+        decoders=self._source.decoders)
+    if not self._source.all_train_usable:
+      ds = ds.filter(self._source.has_training_boxes)
+    ds = ds.shuffle(int(ds_config.get("shuffle_buffer", 1000)), seed=epoch_seed)
+    epoch_examples = self.steps_per_epoch * self._batch_size
+    start = skip_batches * self._batch_size
+    ds = ds.take(epoch_examples).skip(start).enumerate(start=start)
+    map_fn = functools.partial(
+        _train_example, source=self._source, ds_config=ds_config, seed=int(self._config.seed),
+        epoch=epoch, process_index=self._process_index, max_boxes=int(ds_config.max_boxes))
+    ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.padded_batch(self._batch_size, drop_remainder=True)
+    ds = ds.map(functools.partial(_pad_to_bucket, buckets=self._buckets))
+    return ds.prefetch(2)
+
+  def _generate(self, start_step):
+    epoch, skip_batches = divmod(start_step, self.steps_per_epoch)
+    while True:
+      for batch in self._epoch_dataset(epoch, skip_batches).as_numpy_iterator():
+        yield batch
+      epoch += 1
+      skip_batches = 0
+
+  def __next__(self) -> dict:
+    batch = next(self._batches)
+    dropped = int(batch.pop("num_dropped_boxes").sum())
+    if dropped:
+      self.num_dropped_boxes += dropped
+      logging.warning("Step %d: %d boxes beyond config.dataset.max_boxes=%d dropped (%d so far).",
+                      self.step, dropped, self._config.dataset.max_boxes, self.num_dropped_boxes)
+    self.step += 1
+    return batch
+
+
+def create_train_iterator(config, start_step: int = 0, process_index=None,
+                          process_count=None) -> TrainIterator:
+  """Infinite iterator over this process's training batches.
+
+  Args:
+    config: the experiment config (seed, batch_size, dataset).
+    start_step: index of the first batch; the batches equal those an iterator started at 0
+      yields from this step on.
+    process_index: this process (default jax.process_index()).
+    process_count: number of processes (default jax.process_count()).
+
+  Returns:
+    A TrainIterator of numpy dicts: images float32 [b, H, W, 3], pixel_mask bool [b, H, W],
+    labels int32 [b, M], boxes float32 [b, M, 4] cxcywh in [0, 1] of the unpadded image,
+    valid bool [b, M]; (H, W) one of config.dataset.buckets, b = batch_size // process_count.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  return TrainIterator(config, start_step, process_index, process_count)
+
+
+def _eval_example(raw, *, source, ds_config, max_boxes):
+  example = source.decode(raw)
+  height = tf.shape(example["image"])[0]
+  width = tf.shape(example["image"])[1]
+  out_size = transforms.eval_geometry(height, width, ds_config)
+  region = tf.stack([0.0, 0.0, tf.cast(height, tf.float32), tf.cast(width, tf.float32)])
+  image, boxes, labels = transforms.apply_geometry(
+      _without_crowd(example), tf.constant(False), region, out_size)
+  gt_xyxy = example["boxes"]
+  gt_xywh = tf.concat([gt_xyxy[:, :2], gt_xyxy[:, 2:] - gt_xyxy[:, :2]], axis=-1)
+  num_gt = tf.shape(example["labels"])[0]
+  targets = _targets(boxes, labels, max_boxes)
+  targets["num_dropped_boxes"] += tf.maximum(num_gt - max_boxes, 0)
+  return {
+      "images": image, "pixel_mask": tf.ones(out_size, tf.bool), **targets,
+      "image_id": example["image_id"],
+      "orig_size": tf.stack([height, width]),
+      "example_valid": tf.constant(True),
+      "gt_boxes": tf.ensure_shape(_pad_rows(gt_xywh, max_boxes), [max_boxes, 4]),
+      "gt_labels": _pad_rows(example["labels"], max_boxes),
+      "gt_is_crowd": _pad_rows(example["is_crowd"], max_boxes),
+      "gt_area": _pad_rows(example["area"], max_boxes),
+      "gt_valid": tf.range(max_boxes) < num_gt,
+  }
+
+
+def _pad_batch(batch, batch_size):
+  """Pads a short numpy batch with zero rows (example_valid False) to batch_size rows."""
+  return {name: np.pad(value, [(0, batch_size - value.shape[0])] + [(0, 0)] * (value.ndim - 1))
+          for name, value in batch.items()}
+
+
+def create_eval_iterator(config, process_index=None, process_count=None) -> Iterator[dict]:
+  """Finite iterator over this process's evaluation batches.
+
+  Every process yields the same number of batches; together they hold every example of the eval
+  split exactly once (filler rows have example_valid False).
+
+  Args:
+    config: the experiment config (eval_batch_size, dataset).
+    process_index: this process (default jax.process_index()).
+    process_count: number of processes (default jax.process_count()).
+
+  Yields:
+    numpy dicts with the train keys plus image_id int64 [b], orig_size int32 [b, 2] (h, w),
+    example_valid bool [b], gt_boxes float32 [b, M, 4] xywh original pixels (incl. crowd),
+    gt_labels int32 [b, M], gt_is_crowd bool [b, M], gt_area float32 [b, M], gt_valid bool [b, M].
+  """
+  process_index, process_count = _process(process_index, process_count)
+  ds_config = config.dataset
+  source = sources.get_source(ds_config)
+  buckets = sorted_buckets(ds_config)
+  batch_size = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
+  if source.eval_split not in source.builder.info.splits:
+    raise ValueError(f"{ds_config.name} has no split {source.eval_split!r} (splits: "
+                     f"{list(source.builder.info.splits)}): for coco_folder set "
+                     "config.dataset.eval_annotations_file and eval_images_dir.")
+  splits = tfds.even_splits(source.eval_split, n=process_count, drop_remainder=False)
+  sizes = [source.builder.info.splits[s].num_examples for s in splits]
+  if sum(sizes) == 0:
+    raise ValueError(f"Eval split {source.eval_split!r} of {ds_config.name} is empty.")
+  num_batches = -(-max(sizes) // batch_size)
+  max_boxes = int(ds_config.max_boxes)
+  ds = source.builder.as_dataset(split=splits[process_index], shuffle_files=False,
+                                 decoders=source.decoders)
+  ds = ds.map(functools.partial(_eval_example, source=source, ds_config=ds_config,
+                                max_boxes=max_boxes),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.padded_batch(batch_size).map(functools.partial(_pad_to_bucket, buckets=buckets))
+  return _eval_batches(ds.prefetch(2), num_batches, batch_size, buckets[0], max_boxes)
+
+
+def _eval_batches(ds, num_batches, batch_size, smallest_bucket, max_boxes):
+  num_dropped = 0
+  produced = 0
+  for batch in ds.as_numpy_iterator():
+    num_dropped += int(batch.pop("num_dropped_boxes").sum())
+    produced += 1
+    yield _pad_batch(batch, batch_size)
+  if num_dropped:
+    logging.warning("Eval: %d boxes beyond config.dataset.max_boxes=%d were left out.",
+                    num_dropped, max_boxes)
+  for _ in range(num_batches - produced):
+    yield _empty_eval_batch(batch_size, smallest_bucket, max_boxes)
+
+
+def _empty_eval_batch(batch_size, bucket, max_boxes):
+  """A batch of filler only, for a process whose shard ends a batch earlier than others."""
+  b, m = batch_size, max_boxes
+  height, width = bucket
+  return {
+      "images": np.zeros([b, height, width, 3], np.float32),
+      "pixel_mask": np.zeros([b, height, width], bool),
+      "labels": np.zeros([b, m], np.int32), "boxes": np.zeros([b, m, 4], np.float32),
+      "valid": np.zeros([b, m], bool), "image_id": np.zeros([b], np.int64),
+      "orig_size": np.zeros([b, 2], np.int32), "example_valid": np.zeros([b], bool),
+      "gt_boxes": np.zeros([b, m, 4], np.float32), "gt_labels": np.zeros([b, m], np.int32),
+      "gt_is_crowd": np.zeros([b, m], bool), "gt_area": np.zeros([b, m], np.float32),
+      "gt_valid": np.zeros([b, m], bool),
+  }
+
+
+def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> Any:
+  """Assembles the processes' local batches into global jax.Arrays sharded on mesh axis "data".
+
+  Args:
+    local_batch: this process's numpy batch (leading axis = local batch).
+    mesh: the device mesh with a "data" axis.
+
+  Returns:
+    The same tree of jax.Arrays with global batch = local batch * process count.
+  """
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

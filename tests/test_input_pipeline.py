@@ -1,0 +1,222 @@
+"""Tests of the augmentations, batching, sharding and resume of detr_jax.data.input_pipeline."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from detr_jax.data import input_pipeline
+from detr_jax.data import transforms
+
+import coco_folder_testdata as testdata
+
+MEAN = np.array(transforms.IMAGENET_MEAN) * 255
+STD = np.array(transforms.IMAGENET_STD) * 255
+
+
+def _denormalise(image):
+  return image * STD + MEAN
+
+
+def _detr_config():
+  return ml_collections.ConfigDict(dict(
+      augmentation="detr", flip=True, scales=[64, 80, 96], max_size=140,
+      crop_resize_scales=[60, 80, 100], crop_min_size=40, crop_max_size=90,
+      buckets=[(96, 140), (140, 96), (140, 140)]))
+
+
+def _colour_box(image, colour):
+  """xyxy pixel extent of the pixels close to colour, or None."""
+  near = np.abs(image - np.array(colour)).max(-1) < 40
+  if not near.any():
+    return None
+  ys, xs = np.nonzero(near)
+  return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+def test_augmentation_keeps_boxes_on_their_objects():
+  height, width = 90, 120
+  rects = [(70, 12, 30, 40, 1, (250, 20, 250)), (8, 50, 24, 30, 3, (20, 250, 20))]
+  example = {"image": tf.constant(testdata.draw(height, width, rects)),
+             "boxes": tf.constant([[x, y, x + w, y + h] for x, y, w, h, _, _ in rects],
+                                  tf.float32),
+             "labels": tf.constant([1, 3], tf.int32)}
+  ds_config = _detr_config()
+  kept_and_dropped = [0, 0]
+  for seed in range(40):
+    flip, region, out_size = transforms.train_geometry(
+        tf.constant([seed, 7], tf.int64), height, width, ds_config)
+    image, boxes, labels = transforms.apply_geometry(example, flip, region, out_size)
+    image = _denormalise(image.numpy())
+    out_h, out_w = out_size.numpy()
+    assert any(out_h <= bh and out_w <= bw for bh, bw in ds_config.buckets)
+    for label, colour in ((1, (250, 20, 250)), (3, (20, 250, 20))):
+      found = _colour_box(image, colour)
+      matches = np.nonzero(labels.numpy() == label)[0]
+      # A rectangle cut to a sliver by the crop may show no clean pixel; otherwise it has a box.
+      if found is None:
+        kept_and_dropped[1] += 1
+        continue
+      kept_and_dropped[0] += 1
+      assert len(matches) == 1, (seed, label)
+      cx, cy, w, h = boxes.numpy()[matches[0]] * [out_w, out_h, out_w, out_h]
+      np.testing.assert_allclose([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], found,
+                                 atol=2.0, err_msg=f"seed {seed}")
+  assert kept_and_dropped[0] > 40 and kept_and_dropped[1] > 0  # both cases were exercised
+
+
+def test_crop_drops_boxes_outside_it():
+  boxes = tf.constant([[0, 0, 10, 10], [50, 50, 60, 60], [35, 0, 45, 10]], tf.float32)
+  region = tf.constant([0.0, 0.0, 40.0, 40.0])  # y0, x0, y1, x1
+  cxcywh, keep = transforms.boxes_to_region(boxes, region)
+  np.testing.assert_array_equal(keep, [True, False, True])
+  np.testing.assert_allclose(cxcywh.numpy()[2], [37.5 / 40, 5 / 40, 5 / 40, 10 / 40])
+  # Random crops: a box survives exactly when it overlaps the crop with positive area.
+  height, width = 100, 100
+  grid = tf.constant([[x, y, x + 12, y + 12] for x in range(0, 90, 22) for y in range(0, 90, 22)],
+                     tf.float32)
+  ds_config = _detr_config()
+  ds_config.flip = False
+  example = {"image": tf.zeros([height, width, 3], tf.uint8), "boxes": grid,
+             "labels": tf.range(grid.shape[0])}
+  saw_drop = False
+  for seed in range(20):
+    _, region, out_size = transforms.train_geometry(tf.constant([seed, 1], tf.int64), height,
+                                                    width, ds_config)
+    _, _, labels = transforms.apply_geometry(example, tf.constant(False), region, out_size)
+    y0, x0, y1, x1 = region.numpy()
+    g = grid.numpy()
+    overlap = (np.minimum(g[:, 2], x1) > np.maximum(g[:, 0], x0)) & (
+        np.minimum(g[:, 3], y1) > np.maximum(g[:, 1], y0))
+    np.testing.assert_array_equal(labels.numpy(), np.nonzero(overlap)[0])
+    saw_drop |= not overlap.all()
+  assert saw_drop
+
+
+def _official_size(h, w, size, max_size):
+  """DETR datasets/transforms.py get_size_with_aspect_ratio, returning (h, w)."""
+  min_original, max_original = float(min(w, h)), float(max(w, h))
+  if max_original / min_original * size > max_size:
+    size = int(round(max_size * min_original / max_original))
+  if (w <= h and w == size) or (h <= w and h == size):
+    return h, w
+  return (int(size * h / w), size) if w < h else (size, int(size * w / h))
+
+
+def test_resize_matches_official_get_size():
+  for h, w, size in [(480, 640, 800), (640, 427, 512), (333, 1000, 800), (600, 600, 480),
+                     (375, 500, 736), (1000, 333, 608)]:
+    got = [int(v) for v in transforms.resized_size(h, w, size, 1333)]
+    assert tuple(got) == _official_size(h, w, size, 1333)
+
+
+@pytest.fixture
+def folder(tmp_path):
+  train = testdata.write_split(str(tmp_path), "train", testdata.TRAIN_IMAGES)
+  evaluation = testdata.write_split(str(tmp_path), "val", testdata.EVAL_IMAGES, first_id=100)
+  return str(tmp_path), train, evaluation
+
+
+def test_pixel_mask_and_static_shapes(folder):
+  root, train, evaluation = folder
+  config = testdata.config(root, train, evaluation)  # fixed: shorter side 64, longer <= 96
+  sizes = set()
+  for batch in input_pipeline.create_eval_iterator(config, 0, 1):
+    assert batch["images"].shape[1:3] in config.dataset.buckets
+    for i in np.nonzero(batch["example_valid"])[0]:
+      h, w = batch["orig_size"][i]
+      out_h, out_w = _official_size(int(h), int(w), 64, 96)
+      expected = np.zeros(batch["pixel_mask"].shape[1:], bool)
+      expected[:out_h, :out_w] = True
+      np.testing.assert_array_equal(batch["pixel_mask"][i], expected)
+      assert np.all(batch["images"][i][~expected] == 0)
+      sizes.add(batch["images"].shape[1:3])
+  config.dataset.augmentation = "detr"
+  it = input_pipeline.create_train_iterator(config, 0, 0, 1)
+  for _ in range(8):
+    batch = next(it)
+    assert batch["images"].shape[1:3] in config.dataset.buckets
+    sizes.add(batch["images"].shape[1:3])
+    for mask, image in zip(batch["pixel_mask"], batch["images"]):
+      rows, cols = np.nonzero(mask)
+      assert mask[:rows.max() + 1, :cols.max() + 1].all()  # a top-left rectangle
+      assert np.all(image[~mask] == 0)
+  assert len(sizes) > 1
+
+
+def test_buckets_must_include_a_covering_one():
+  ds = ml_collections.ConfigDict(dict(buckets=[(64, 96), (96, 64)]))
+  with pytest.raises(ValueError, match=r"add \(96, 96\)"):
+    input_pipeline.sorted_buckets(ds)
+
+
+def _signature(batch, i):
+  n = batch["valid"][i].sum()
+  return tuple(np.round(batch["boxes"][i][:n], 3).ravel()) + tuple(batch["labels"][i][:n])
+
+
+def test_process_shards_are_disjoint_and_cover_the_split(folder):
+  root, train, evaluation = folder
+  config = testdata.config(root, train, evaluation)
+  config.batch_size = 2  # one example per process
+  seen = []
+  for process in (0, 1):
+    it = input_pipeline.create_train_iterator(config, 0, process, 2)
+    assert it.steps_per_epoch == 3
+    seen.append({_signature(b, 0) for b in (next(it) for _ in range(3))})
+  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == len(testdata.TRAIN_IMAGES)
+
+  config.eval_batch_size = 4  # 2 per process: shards of 3 and 2 -> 2 batches each
+  ids, num_batches = [], []
+  for process in (0, 1):
+    batches = list(input_pipeline.create_eval_iterator(config, process, 2))
+    num_batches.append(len(batches))
+    for b in batches:
+      assert b["images"].shape[0] == 2
+      ids += b["image_id"][b["example_valid"]].tolist()
+  assert num_batches == [2, 2]
+  assert sorted(ids) == list(range(100, 100 + len(testdata.EVAL_IMAGES)))
+
+
+def _shapes_config(tmp_path):
+  config = ml_collections.ConfigDict()
+  config.seed = 11
+  config.batch_size = 4
+  config.eval_batch_size = 4
+  config.dataset = ml_collections.ConfigDict(dict(
+      name="shapes", data_dir=str(tmp_path), image_size=48, num_train_examples=10,
+      num_eval_examples=4, max_objects=4, augmentation="detr", flip=True, scales=[40, 48, 56],
+      max_size=72, crop_resize_scales=[40, 48], crop_min_size=24, crop_max_size=40,
+      eval_size=48, eval_max_size=72, buckets=[(48, 48), (72, 72)], max_boxes=3,
+      shuffle_buffer=10))
+  return config
+
+
+def test_resume_yields_the_same_batches(tmp_path):
+  config = _shapes_config(tmp_path)
+  full = input_pipeline.create_train_iterator(config, 0, 0, 1)
+  assert full.steps_per_epoch == 2
+  reference = [next(full) for _ in range(7)]
+  assert full.num_dropped_boxes > 0  # max_objects 4 > max_boxes 3: counted
+  for start in (3, 4):  # mid-epoch and on an epoch boundary
+    resumed = input_pipeline.create_train_iterator(config, start, 0, 1)
+    for step in range(start, 7):
+      batch = next(resumed)
+      for key, value in reference[step].items():
+        np.testing.assert_array_equal(value, batch[key], err_msg=f"{key} at step {step}")
+  # Epochs differ (reshuffled, re-augmented).
+  assert not np.array_equal(reference[0]["boxes"], reference[2]["boxes"])
+  config.seed = 12
+  other = next(input_pipeline.create_train_iterator(config, 0, 0, 1))
+  assert not np.array_equal(other["boxes"], reference[0]["boxes"])
+
+
+def test_make_global_batch():
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  batch = {"images": np.arange(jax.device_count() * 6, dtype=np.float32).reshape(-1, 2, 3),
+           "valid": np.ones([jax.device_count(), 4], bool)}
+  global_batch = input_pipeline.make_global_batch(batch, mesh)
+  np.testing.assert_array_equal(global_batch["images"], batch["images"])
+  assert global_batch["valid"].sharding.spec == jax.sharding.PartitionSpec("data")
+  assert len(global_batch["images"].addressable_shards) == jax.device_count()

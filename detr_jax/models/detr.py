@@ -20,7 +20,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def validate_inputs(images: jax.Array, pixel_mask: jax.Array) -> None:
-  """Raises ValueError when images/pixel_mask do not have the model's input layout (static check)."""
+  """Raises ValueError unless images/pixel_mask have the model's input layout (static shapes)."""
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images must be [batch, height, width, 3] (channels last, RGB), got shape "
                      f"{tuple(images.shape)}.")

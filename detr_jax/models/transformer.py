@@ -150,7 +150,11 @@ class DecoderLayer(_LayerBase):
 
   @nn.compact
   def __call__(self, tgt, memory, memory_mask, pos, query_pos, train):
-    """tgt, query_pos [B, Q, D]; memory, pos [B, S, D]; memory_mask bool [B, S]. Returns [B, Q, D]."""
+    """tgt, query_pos [B, Q, D]; memory, pos [B, S, D]; memory_mask bool [B, S].
+
+    Returns:
+      [B, Q, D].
+    """
     norm1, norm2, norm3 = self._norm("norm1"), self._norm("norm2"), self._norm("norm3")
     self_attn, cross_attn = self._attention("self_attn"), self._attention("cross_attn")
     memory_key = memory + pos

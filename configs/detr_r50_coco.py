@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   loss.giou_loss_coef = 2.0
   loss.focal_alpha = 0.25
   loss.focal_gamma = 2.0
+  loss.varifocal_alpha = 0.75  # varifocal only (RT-DETR's value)
   loss.aux_loss = True
 
   # --- Data (detr_jax.data) ---
@@ -68,7 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
   ds.images_dir = ""  # ... and the folder of its images
   ds.eval_annotations_file = ""
   ds.eval_images_dir = ""
-  ds.augmentation = "detr"  # detr (official multi-scale + crop) | fixed
+  ds.augmentation = "detr"  # detr (official multi-scale + crop) | fixed (resize only)
+  ds.flip = True  # random horizontal flip (p 0.5) in both augmentations
   ds.scales = list(range(480, 801, 32))  # shorter side choices for training
   ds.max_size = 1333
   ds.crop_resize_scales = [400, 500, 600]

@@ -1,0 +1,336 @@
+"""Training and evaluation loop: data parallel over every device of every host.
+
+`train_and_evaluate(config, workdir)` trains DETR, checkpoints (resuming automatically from
+`workdir`), evaluates COCO box AP and writes prediction PNGs. The global batch is sharded over a
+1-D mesh with axis "data"; the forward pass and the set loss run per device in `jax.shard_map`
+(host Hungarian matching is a callback per device shard), gradients are averaged with
+`lax.pmean` and the optimizer update runs replicated under `jax.jit`.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+from detr_jax import checkpointing
+from detr_jax import evaluate
+from detr_jax import losses
+from detr_jax import models
+from detr_jax import optimizer as optimizer_lib
+
+TRAIN_KEYS = ("images", "pixel_mask", "labels", "boxes", "valid")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken (training-loop steps)
+  params: Any
+  batch_stats: Any  # frozen BatchNorm constants, never updated
+  opt_state: Any
+  rng: jax.Array  # base dropout key; step and device are folded in
+
+
+def resolve_config(config: ml_collections.ConfigDict, info) -> ml_collections.ConfigDict:
+  """Returns a copy of `config` with dataset-dependent fields filled and checked.
+
+  `model.num_classes <= 0` takes the dataset's `num_classes`; `steps_per_epoch <= 0` is computed
+  from the number of training examples.
+
+  Raises:
+    ValueError: when the model has fewer classes than the dataset's labels need.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.num_classes <= 0:
+    config.model.num_classes = int(info.num_classes)
+  elif config.model.num_classes < info.num_classes:
+    raise ValueError(
+        f"config.model.num_classes={config.model.num_classes} but the dataset's labels go up to "
+        f"{info.num_classes - 1}; set --config.model.num_classes={info.num_classes} (or -1 to "
+        "take it from the dataset).")
+  if config.get("steps_per_epoch", -1) <= 0:
+    config.steps_per_epoch = max(int(info.num_train_examples) // config.batch_size, 1)
+  return config
+
+
+def total_train_steps(config: ml_collections.ConfigDict) -> int:
+  if config.get("num_train_steps", -1) > 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * config.steps_per_epoch)
+
+
+# ------------------------------------------------------------------ mesh
+def create_mesh(devices=None) -> jax.sharding.Mesh:
+  """1-D mesh "data" over `devices` (default: every device of every host).
+
+  Auto axis types: the model code is written for replicated-or-batch shardings chosen by jit,
+  not for explicit sharding in types.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
+  n = mesh.devices.size
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % n:
+      raise ValueError(f"config.{name}={config[name]} must be a multiple of the {n} devices.")
+
+
+# ------------------------------------------------------------------ model and optimizer
+def _dummy_inputs(config):
+  height, width = config.dataset.buckets[0]
+  return jnp.zeros((1, height, width, 3), jnp.float32), jnp.ones((1, height, width), bool)
+
+
+def create_train_state(config, model, tx, mesh, rng: jax.Array,
+                       variables: Any | None = None) -> TrainState:
+  """Initialises (or wraps `variables` into) a replicated TrainState on `mesh`."""
+  init_rng, dropout_rng = jax.random.split(rng)
+
+  def init(init_rng, variables):
+    if variables is None:
+      variables = model.init(init_rng, *_dummy_inputs(config), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=dropout_rng)
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(init, static_argnums=() if variables is not None else (1,),
+                 out_shardings=replicated)(init_rng, variables)
+
+
+def init_variables(config, model, rng) -> dict[str, Any]:
+  """Fresh variables, with `config.init_from` / `config.backbone_init` weights merged in."""
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, *_dummy_inputs(config))
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  init_from = config.get("init_from", "")
+  backbone_init = config.get("backbone_init", "")
+  if init_from:
+    from detr_jax import convert  # pylint: disable=g-import-not-at-top
+    loaded = convert.load_variables(init_from)
+    logging.info("Initialising from converted checkpoint %s.", init_from)
+    for col in ("params", "batch_stats"):
+      variables[col], _ = checkpointing.merge_pretrained(
+          variables[col], loaded.get(col, {}), name=col)
+  if backbone_init:
+    import torch  # pylint: disable=g-import-not-at-top
+    from detr_jax import convert  # pylint: disable=g-import-not-at-top
+    state_dict = torch.load(backbone_init, map_location="cpu", weights_only=True)
+    loaded = convert.backbone_from_torchvision(state_dict, config.model)
+    logging.info("Initialising the backbone from torchvision weights %s.", backbone_init)
+    for col in ("params", "batch_stats"):
+      variables[col], _ = checkpointing.merge_pretrained(
+          variables[col], loaded.get(col, {}), reinit_on_mismatch=(), name=col)
+  return variables
+
+
+# ------------------------------------------------------------------ update step
+def make_train_step(config, model, tx, labels, mesh, schedules):
+  """Returns jitted `train_step(state, batch) -> (state, metrics)`; the state is donated."""
+  loss_config = config.loss
+
+  def device_loss(params, batch_stats, batch, rng):
+    outputs = model.apply({"params": params, "batch_stats": batch_stats},
+                          batch["images"], batch["pixel_mask"], train=True,
+                          rngs={"dropout": rng})
+    targets = {"labels": batch["labels"], "boxes": batch["boxes"], "valid": batch["valid"]}
+    return losses.set_loss(outputs, targets, loss_config, axis_name="data")
+
+  def device_grads(params, batch_stats, batch, rng):
+    # Different dropout masks on every device.
+    rng = jax.random.fold_in(rng, lax.axis_index("data"))
+    (loss, metrics), grads = jax.value_and_grad(device_loss, has_aux=True)(
+        params, batch_stats, batch, rng)
+    # set_loss divides by num_boxes / num_devices, so the mean over devices is the gradient of
+    # the loss of the global batch (torch DDP averages the same way).
+    grads = lax.pmean(grads, "data")
+    metrics = lax.pmean(dict(metrics, loss=loss), "data")
+    return grads, metrics
+
+  sharded_grads = jax.shard_map(
+      device_grads, mesh=mesh, in_specs=(P(), P(), P("data"), P()), out_specs=(P(), P()),
+      check_vma=False)
+
+  def train_step(state: TrainState, batch):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    grads, metrics = sharded_grads(state.params, state.batch_stats, batch, step_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optimizer_lib.trainable_global_norm(grads, labels)
+    for group, schedule in schedules.items():
+      metrics[f"lr_{group}"] = schedule(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+  return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
+
+
+def build(config, mesh, total_steps: int):
+  """Builds (model, optimizer, labels, schedules) for a resolved config."""
+  model = models.build_model(config.model)
+  abstract = jax.eval_shape(functools.partial(model.init, train=False),
+                            jax.random.PRNGKey(0), *_dummy_inputs(config))
+  labels = models.param_labels(abstract["params"], config.model)
+  tx, schedules = optimizer_lib.create_optimizer(config, labels, config.steps_per_epoch,
+                                                 total_steps)
+  return model, tx, labels, schedules
+
+
+def global_batch(local: dict[str, np.ndarray], mesh, keys=TRAIN_KEYS):
+  from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+# ------------------------------------------------------------------ main
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains, checkpoints and evaluates DETR as `config` says; resumes from `workdir`.
+
+  Args:
+    config: experiment config (see configs/detr_r50_coco.py for every field).
+    workdir: output directory: checkpoints/, TensorBoard events, config.json, eval_metrics.json,
+      visualizations/.
+
+  Returns:
+    The final TrainState.
+  """
+  from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  info = input_pipeline.dataset_info(config.dataset)
+  config = resolve_config(config, info)
+  total_steps = total_train_steps(config)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  logging.info("Dataset %s: %d classes, %d train / %d eval images; %d steps (%d per epoch).",
+               config.dataset.name, config.model.num_classes, info.num_train_examples,
+               info.num_eval_examples, total_steps, config.steps_per_epoch)
+
+  # --- Mesh.
+  mesh = create_mesh()
+  check_batch_sizes(config, mesh)
+  logging.info("Mesh: %d devices on %d processes.", mesh.devices.size, jax.process_count())
+
+  # --- Model and optimizer.
+  model, tx, labels, schedules = build(config, mesh, total_steps)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+
+  # --- Checkpoint: resume from workdir, else fresh / pretrained init.
+  manager = checkpointing.create_checkpoint_manager(
+      workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every_steps)
+  if manager.latest_step() is not None:
+    abstract = jax.eval_shape(lambda: create_train_state(config, model, tx, mesh, state_rng))
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    state = checkpointing.restore(manager, abstract)
+  else:
+    variables = init_variables(config, model, init_rng)
+    state = create_train_state(config, model, tx, mesh, state_rng, variables)
+  step = int(state.step)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Model: %s, %.2fM parameters; starting at step %d.", config.model.backbone,
+               num_params / 1e6, step)
+
+  # --- Input (resumes at `step`: batch k depends on (seed, k) only).
+  train_iter = input_pipeline.create_train_iterator(config, start_step=step)
+
+  # --- Update step (sharding: params replicated, batch split over "data").
+  train_step = make_train_step(config, model, tx, labels, mesh, schedules)
+
+  # --- Evals.
+  eval_every = int(config.get("eval_every_steps", 0))
+
+  eval_seconds = [0.0]  # kept out of the reported training time
+
+  def run_eval(step):
+    eval_start = time.time()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    metrics = evaluate.evaluate_coco(config, model, variables, mesh, info.class_names)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if is_main:
+      with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+        json.dump(dict(metrics, step=step), f, indent=1)
+    eval_seconds[0] += time.time() - eval_start
+    return metrics
+
+  # --- Loop.
+  preemption = checkpointing.PreemptionFlag()
+  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  hooks = [report_progress]
+  history, start_time, first_step = [], time.time(), step
+  log_every = max(int(config.log_every_steps), 1)
+  ckpt_every = max(int(config.checkpoint_every_steps), 1)
+  try:
+    while step < total_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch)
+      step += 1
+      history.append(metrics)
+      for hook in hooks:
+        hook(step)
+      if step % log_every == 0 or step == total_steps:
+        means = _mean_metrics(history)
+        history = []
+        writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+        elapsed = time.time() - start_time - eval_seconds[0]
+        eta = elapsed / (step - first_step) * (total_steps - step)
+        logging.info("step %d/%d  loss %.4f  ce %.4f  bbox %.4f  giou %.4f  lr %.2e  "
+                     "%.1f min elapsed, ETA %.1f min", step, total_steps, means["loss"],
+                     means.get("loss_ce", np.nan), means.get("loss_bbox", np.nan),
+                     means.get("loss_giou", np.nan), means["lr_transformer"],
+                     elapsed / 60, eta / 60)
+      stop = preemption.should_stop(step)
+      if stop or step % ckpt_every == 0 or step == total_steps:
+        checkpointing.save(manager, step, state, force=True)
+      if stop:
+        logging.warning("Stopping at step %d for preemption; the next run resumes here.", step)
+        break
+      if eval_every > 0 and step % eval_every == 0 and step != total_steps:
+        with report_progress.timed("eval"):
+          run_eval(step)
+    train_minutes = (time.time() - start_time - eval_seconds[0]) / 60
+    writer.write_scalars(step, {"train/minutes": train_minutes})
+    logging.info("Trained steps %d..%d in %.1f min.", first_step, step, train_minutes)
+
+    if step >= total_steps:
+      if eval_every >= 0:  # 0: only this final evaluation; < 0: none
+        run_eval(step)
+      num_vis = int(config.get("num_visualizations", 0))
+      if num_vis > 0:
+        from detr_jax import visualize  # pylint: disable=g-import-not-at-top
+        visualize.write_predictions(
+            config, model, {"params": state.params, "batch_stats": state.batch_stats}, mesh,
+            info.class_names, os.path.join(workdir, "visualizations"), num_vis)
+  finally:
+    manager.wait_until_finished()
+    preemption.restore_handlers()
+    writer.flush()
+  return state

@@ -1,0 +1,101 @@
+"""Tests of detr_jax.evaluate: post-processing and COCO AP through pycocotools."""
+
+import numpy as np
+import pytest
+
+from detr_jax import evaluate
+
+CLASS_NAMES = {0: "circle", 1: "square", 2: "triangle"}
+
+
+def test_postprocess_matches_numpy_closed_form():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 4)).astype(np.float32) * 3  # 3 classes + no-object
+  boxes = rng.uniform(0.1, 0.9, size=(2, 5, 4)).astype(np.float32)
+  orig_size = np.array([[480, 640], [100, 50]], np.int32)  # (h, w)
+  scores, labels, xyxy = map(np.asarray, evaluate.postprocess(logits, boxes, orig_size))
+
+  prob = np.exp(logits - logits.max(-1, keepdims=True))
+  prob /= prob.sum(-1, keepdims=True)
+  np.testing.assert_allclose(scores, prob[..., :3].max(-1), rtol=1e-5)
+  np.testing.assert_array_equal(labels, prob[..., :3].argmax(-1))
+  for b in range(2):
+    h, w = orig_size[b]
+    for q in range(5):
+      cx, cy, bw, bh = boxes[b, q]
+      expected = [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
+      np.testing.assert_allclose(xyxy[b, q], expected, rtol=1e-5, atol=1e-4)
+
+
+def _eval_batch(rng, image_ids, num_boxes, m=6, filler=0):
+  """An eval batch with the contract's fields: random xywh ground truth in original pixels."""
+  b = len(image_ids) + filler
+  orig = np.stack([rng.integers(200, 400, b), rng.integers(200, 400, b)], -1).astype(np.int32)
+  xy = rng.uniform(0, 100, (b, m, 2))
+  wh = rng.uniform(20, 100, (b, m, 2))
+  gt_valid = np.arange(m)[None] < np.asarray(list(num_boxes) + [m] * filler)[:, None]
+  return {
+      "image_id": np.asarray(list(image_ids) + [0] * filler, np.int64),
+      "orig_size": orig,
+      "example_valid": np.arange(b) < len(image_ids),
+      "gt_boxes": np.concatenate([xy, wh], -1).astype(np.float32),
+      "gt_labels": rng.integers(0, 3, (b, m)).astype(np.int32),
+      "gt_is_crowd": np.zeros((b, m), bool),
+      "gt_area": (wh[..., 0] * wh[..., 1]).astype(np.float32),
+      "gt_valid": gt_valid,
+  }
+
+
+def _gt_as_detections(batch, num_queries=8):
+  """Ground truth as detections (score 1), padded with low-score junk queries."""
+  b, m = batch["gt_labels"].shape
+  scores = np.full((b, num_queries), 1e-3, np.float32)
+  labels = np.zeros((b, num_queries), np.int32)
+  boxes = np.tile(np.array([0, 0, 5, 5], np.float32), (b, num_queries, 1))
+  scores[:, :m] = np.where(batch["gt_valid"], 1.0, 1e-3)
+  labels[:, :m] = batch["gt_labels"]
+  xywh = batch["gt_boxes"]
+  boxes[:, :m] = np.where(batch["gt_valid"][..., None],
+                          np.concatenate([xywh[..., :2], xywh[..., :2] + xywh[..., 2:]], -1),
+                          boxes[:, :m])
+  return scores, labels, boxes
+
+
+def test_ground_truth_as_predictions_gives_ap_one():
+  rng = np.random.default_rng(1)
+  evaluator = evaluate.CocoEvaluator(CLASS_NAMES)
+  batches = [_eval_batch(rng, [1, 2, 3], [2, 6, 1]), _eval_batch(rng, [4, 5], [3, 0], filler=2)]
+  batches[1]["gt_is_crowd"][0, 2] = True  # a crowd box must not count as a miss
+  for batch in batches:
+    evaluator.add_batch(batch, *_gt_as_detections(batch))
+  assert evaluator.num_images == 5  # filler rows ignored
+  metrics = evaluator.compute()
+  assert set(metrics) == set(evaluate.METRIC_NAMES)
+  for name in ("AP", "AP50", "AP75"):
+    assert metrics[name] == pytest.approx(1.0), name
+
+
+def test_shifted_predictions_lower_ap():
+  rng = np.random.default_rng(2)
+  batch = _eval_batch(rng, [1, 2, 3, 4], [4, 4, 4, 4])
+  scores, labels, boxes = _gt_as_detections(batch)
+  # Shift half of the boxes by their own width: IoU 0 for those, AP50 close to 0.5.
+  shift = np.where(np.arange(8) % 2 == 0, 1.0, 0.0)[None, :, None] * (boxes[..., 2:3] - boxes[..., 0:1])
+  boxes = boxes + shift * np.array([1, 0, 1, 0], np.float32)
+  evaluator = evaluate.CocoEvaluator(CLASS_NAMES)
+  evaluator.add_batch(batch, scores, labels, boxes)
+  metrics = evaluator.compute()
+  assert 0.2 < metrics["AP50"] < 0.8
+
+
+def test_filler_rows_and_missing_fields():
+  rng = np.random.default_rng(3)
+  batch = _eval_batch(rng, [7], [2], filler=3)
+  evaluator = evaluate.CocoEvaluator(CLASS_NAMES)
+  evaluator.add_batch(batch, *_gt_as_detections(batch))
+  assert evaluator.num_images == 1
+  del batch["gt_area"]
+  with pytest.raises(ValueError, match="gt_area"):
+    evaluator.add_batch(batch, *_gt_as_detections(batch))
+  with pytest.raises(ValueError, match="No valid evaluation images"):
+    evaluate.CocoEvaluator(CLASS_NAMES).compute()

@@ -1,0 +1,195 @@
+"""Tests of detr_jax.train: data parallelism, learning, exact resume, pretrained init.
+
+Runs the tiny config (configs/tiny_test.py) on the 8 fake CPU devices of tests/conftest.py.
+"""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny_test
+from detr_jax import checkpointing
+from detr_jax import train
+
+NUM_BOXES = 3
+
+
+def _synthetic_batch(config, seed):
+  """A train batch with the contract's keys; every image has NUM_BOXES boxes.
+
+  Equal box counts make the official per-device mean of loss_ce equal to the global-batch mean,
+  so 8 devices and 1 device must agree.
+  """
+  rng = np.random.default_rng(seed)
+  b, m = config.batch_size, config.dataset.max_boxes
+  height, width = config.dataset.buckets[0]
+  centers = rng.uniform(0.25, 0.75, size=(b, m, 2))
+  sizes = rng.uniform(0.1, 0.4, size=(b, m, 2))
+  valid = np.arange(m)[None, :] < NUM_BOXES
+  return {
+      "images": rng.normal(size=(b, height, width, 3)).astype(np.float32),
+      "pixel_mask": np.ones((b, height, width), bool),
+      "labels": np.where(valid, rng.integers(0, config.model.num_classes, (b, m)), 0).astype(
+          np.int32),
+      "boxes": np.where(valid[..., None], np.concatenate([centers, sizes], -1), 0).astype(
+          np.float32),
+      "valid": np.broadcast_to(valid, (b, m)).copy(),
+  }
+
+
+def _setup(config, devices):
+  mesh = train.create_mesh(devices)
+  model, tx, labels, schedules = train.build(config, mesh, total_steps=100)
+  variables = train.init_variables(config, model, jax.random.PRNGKey(0))
+  state = train.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(1), variables)
+  step_fn = train.make_train_step(config, model, tx, labels, mesh, schedules)
+  return mesh, state, step_fn
+
+
+def _run(mesh, state, step_fn, batches):
+  state = jax.tree.map(lambda x: x.copy(), state)  # the step donates its input state
+  history = []
+  for batch in batches:
+    state, metrics = step_fn(state, train.global_batch(batch, mesh))
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+  config = tiny_test.get_config()
+  config.steps_per_epoch = 8
+  return config
+
+
+@pytest.fixture(scope="module")
+def one_device(tiny_config):
+  return _setup(tiny_config, jax.devices()[:1])
+
+
+def test_eight_devices_match_one_device(tiny_config, one_device):
+  assert jax.device_count() == 8, "tests/conftest.py should provide 8 CPU devices"
+  batches = [_synthetic_batch(tiny_config, seed) for seed in range(2)]
+  state_1, history_1 = _run(*one_device, batches)
+  state_8, history_8 = _run(*_setup(tiny_config, jax.devices()), batches)
+  for m1, m8 in zip(history_1, history_8):
+    for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "grad_norm"):
+      np.testing.assert_allclose(m8[key], m1[key], rtol=2e-4, err_msg=key)
+  assert int(state_8.step) == int(state_1.step) == 2
+  params_1, params_8 = jax.device_get((state_1.params, state_8.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-6),
+               params_8, params_1)
+  # The steps really updated the parameters.
+  initial = jax.device_get(one_device[1].params)
+  assert not np.allclose(params_8["class_embed"]["kernel"], initial["class_embed"]["kernel"])
+
+
+def test_overfits_one_batch(tiny_config, one_device):
+  mesh, state, step_fn = one_device
+  batch = _synthetic_batch(tiny_config, seed=7)
+  for key in ("images", "labels", "boxes"):  # one image and its boxes, 8 times
+    batch[key] = np.broadcast_to(batch[key][:1], batch[key].shape).copy()
+  _, history = _run(mesh, state, step_fn, [batch] * 60)
+  first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-3:]])
+  assert last < first / 3, f"loss {first:.3f} -> {last:.3f}"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _shapes_config(data_dir, num_train_steps, eval_every_steps=-1):
+  config = tiny_test.get_config()
+  config.dataset.data_dir = data_dir
+  config.num_train_steps = num_train_steps
+  config.checkpoint_every_steps = 2
+  config.eval_every_steps = eval_every_steps
+  return config
+
+
+def test_resume_after_sigterm_is_exact(data_dir, tmp_path, monkeypatch):
+  total = 4
+  straight = train.train_and_evaluate(_shapes_config(data_dir, total, eval_every_steps=total),
+                                      str(tmp_path / "straight"))
+  metrics = json.load(open(tmp_path / "straight" / "eval_metrics.json"))
+  assert metrics["step"] == total and 0.0 <= metrics["AP50"] <= 1.0
+  assert os.path.exists(tmp_path / "straight" / "config.json")
+  # `python -m detr_jax.evaluate --checkpoint WORKDIR` restores the same weights.
+  from detr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  again = evaluate.run(_shapes_config(data_dir, total), str(tmp_path / "straight"))
+  for name in evaluate.METRIC_NAMES:
+    assert again[name] == pytest.approx(metrics[name], abs=1e-6), name
+
+  # Preempt the second run after step 2 with a real SIGTERM, then resume it.
+  real_should_stop = checkpointing.PreemptionFlag.should_stop
+
+  def sigterm_at_step_2(self, step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_should_stop(self, step)
+
+  monkeypatch.setattr(checkpointing.PreemptionFlag, "should_stop", sigterm_at_step_2)
+  workdir = str(tmp_path / "resumed")
+  stopped = train.train_and_evaluate(_shapes_config(data_dir, total), workdir)
+  assert int(stopped.step) == 2
+  monkeypatch.setattr(checkpointing.PreemptionFlag, "should_stop", real_should_stop)
+  assert checkpointing.create_checkpoint_manager(workdir, read_only=True).latest_step() == 2
+  resumed = train.train_and_evaluate(_shapes_config(data_dir, total), workdir)
+
+  assert int(resumed.step) == total
+  straight, resumed = jax.device_get((straight, resumed))
+  assert jax.tree.structure(straight) == jax.tree.structure(resumed)
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+  # The run really trained: Adam's step counters and parameters moved.
+  assert not np.array_equal(straight.params["class_embed"]["kernel"],
+                            stopped.params["class_embed"]["kernel"])
+
+
+def test_init_from_other_num_classes_reinitialises_class_head(tmp_path):
+  from detr_jax import convert  # pylint: disable=g-import-not-at-top
+  from detr_jax import models  # pylint: disable=g-import-not-at-top
+  source_config = tiny_test.get_config()
+  pretrained = train.init_variables(
+      source_config, models.build_model(source_config.model), jax.random.PRNGKey(3))
+  convert.save_variables(pretrained, str(tmp_path / "converted"))
+
+  config = tiny_test.get_config()
+  config.model.num_classes = source_config.model.num_classes + 3
+  model = models.build_model(config.model)
+  fresh = train.init_variables(config, model, jax.random.PRNGKey(4))
+  config.init_from = str(tmp_path / "converted")
+  loaded = train.init_variables(config, model, jax.random.PRNGKey(4))
+
+  flat = lambda t: jax.tree_util.tree_flatten_with_path(jax.device_get(t))[0]
+  pretrained_flat = dict(flat(pretrained))
+  fresh_flat = dict(flat(fresh))
+  for path, value in flat(loaded):
+    name = jax.tree_util.keystr(path)
+    if "class_embed" in name:
+      np.testing.assert_array_equal(value, fresh_flat[path], err_msg=name)
+      assert value.shape[-1] == config.model.num_classes + 1
+    else:
+      np.testing.assert_array_equal(value, pretrained_flat[path], err_msg=name)
+  assert not np.array_equal(fresh["params"]["bbox_embed"]["layers_0"]["kernel"],
+                            loaded["params"]["bbox_embed"]["layers_0"]["kernel"])
+
+
+def test_merge_pretrained_rejects_other_model():
+  fresh = {"backbone": {"conv1": {"kernel": jnp.zeros((3, 3, 3, 8))}}, "class_embed": {}}
+  with pytest.raises(ValueError, match="shape"):
+    checkpointing.merge_pretrained(fresh, {"backbone": {"conv1": {"kernel": np.zeros((3, 3, 3, 4))}}})
+  with pytest.raises(ValueError, match="does not have"):
+    checkpointing.merge_pretrained(fresh, {"transformer": {"x": np.zeros(2)}})
+
+
+def test_batch_size_must_divide_devices(tiny_config):
+  config = tiny_test.get_config()
+  config.batch_size = 6
+  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+    train.check_batch_sizes(config, train.create_mesh())

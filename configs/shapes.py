@@ -1,8 +1,8 @@
 r"""A small DETR trained from scratch on the synthetic shapes dataset: the CPU demo.
 
-Reaches: COCO AP50 >= 0.8 on the shapes validation split (see README results table for the
-measured AP / AP50 and time) after 15 minutes of training on a 2-core CPU.
-Hardware: any CPU (measured on 2 cores); a GPU/TPU runs it in about a minute.
+Reaches: COCO AP50 0.883 / AP 0.553 on the 500 shapes validation images after 2500 steps,
+13.8 minutes of training on a 2-core CPU (jax CPU, float32; ~0.33 s per step of 16 images).
+Hardware: any CPU (measured on 2 cores); a GPU runs it in a few minutes.
 Data: the shapes TFDS builder (detr_jax/data/shapes.py) is generated on first use under
 `dataset.data_dir` (no download; about a minute).
 

@@ -211,7 +211,8 @@ def run(config: ml_collections.ConfigDict, checkpoint: str) -> dict[str, float]:
   mesh = train.create_mesh()
   model = models.build_model(config.model)
   variables = load_variables_for_eval(checkpoint)
-  variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  variables = jax.device_put(variables, replicated)
   return evaluate_coco(config, model, variables, mesh, info.class_names)
 
 

@@ -179,8 +179,8 @@ def make_train_step(config, model, tx, labels, mesh, schedules):
 
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
-  return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
+  return jax.jit(train_step, in_shardings=(replicated, data),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def build(config, mesh, total_steps: int):

@@ -80,7 +80,8 @@ def test_shifted_predictions_lower_ap():
   batch = _eval_batch(rng, [1, 2, 3, 4], [4, 4, 4, 4])
   scores, labels, boxes = _gt_as_detections(batch)
   # Shift half of the boxes by their own width: IoU 0 for those, AP50 close to 0.5.
-  shift = np.where(np.arange(8) % 2 == 0, 1.0, 0.0)[None, :, None] * (boxes[..., 2:3] - boxes[..., 0:1])
+  width = boxes[..., 2:3] - boxes[..., 0:1]
+  shift = np.where(np.arange(8) % 2 == 0, 1.0, 0.0)[None, :, None] * width
   boxes = boxes + shift * np.array([1, 0, 1, 0], np.float32)
   evaluator = evaluate.CocoEvaluator(CLASS_NAMES)
   evaluator.add_batch(batch, scores, labels, boxes)

@@ -26,12 +26,14 @@ def _config(**overrides):
 
 def _params():
   rng = np.random.default_rng(0)
-  shapes = {"backbone": {"conv1": {"kernel": (3, 3, 3, 4)}, "layer2_0": {"conv1": {"kernel": (3, 3, 4, 4)}}},
+  shapes = {"backbone": {"conv1": {"kernel": (3, 3, 3, 4)},
+                         "layer2_0": {"conv1": {"kernel": (3, 3, 4, 4)}}},
             "transformer": {"linear1": {"kernel": (4, 5), "bias": (5,)}},
             "class_embed": {"kernel": (5, 3)}}
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
                         is_leaf=lambda x: isinstance(x, tuple))
-  labels = {"backbone": {"conv1": {"kernel": "frozen"}, "layer2_0": {"conv1": {"kernel": "backbone"}}},
+  labels = {"backbone": {"conv1": {"kernel": "frozen"},
+                         "layer2_0": {"conv1": {"kernel": "backbone"}}},
             "transformer": {"linear1": {"kernel": "transformer", "bias": "transformer"}},
             "class_embed": {"kernel": "transformer"}}
   return params, labels
@@ -58,7 +60,8 @@ def test_frozen_unchanged_and_group_learning_rates():
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   # Frozen: untouched, no weight decay either.
-  np.testing.assert_array_equal(new["backbone"]["conv1"]["kernel"], params["backbone"]["conv1"]["kernel"])
+  np.testing.assert_array_equal(new["backbone"]["conv1"]["kernel"],
+                                params["backbone"]["conv1"]["kernel"])
   # Trained: AdamW closed form for the first step, lr of the group.
   for path, lr in ((("backbone", "layer2_0", "conv1", "kernel"), 1e-5),
                    (("transformer", "linear1", "kernel"), 1e-4),

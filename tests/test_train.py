@@ -183,7 +183,8 @@ def test_init_from_other_num_classes_reinitialises_class_head(tmp_path):
 def test_merge_pretrained_rejects_other_model():
   fresh = {"backbone": {"conv1": {"kernel": jnp.zeros((3, 3, 3, 8))}}, "class_embed": {}}
   with pytest.raises(ValueError, match="shape"):
-    checkpointing.merge_pretrained(fresh, {"backbone": {"conv1": {"kernel": np.zeros((3, 3, 3, 4))}}})
+    checkpointing.merge_pretrained(
+        fresh, {"backbone": {"conv1": {"kernel": np.zeros((3, 3, 3, 4))}}})
   with pytest.raises(ValueError, match="does not have"):
     checkpointing.merge_pretrained(fresh, {"transformer": {"x": np.zeros(2)}})
 

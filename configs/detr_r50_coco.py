@@ -14,6 +14,7 @@ Evaluate published weights (converted with `python -m detr_jax.convert`):
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 COCO_EPOCH_IMAGES = 117_266  # train2017 images with at least one non-crowd box (official count)
 
@@ -37,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   model.pre_norm = False
   model.num_queries = 100
-  model.num_classes = 91  # max COCO id + 1; index num_classes is "no object"
+  model.num_classes = 91  # max COCO id + 1; index num_classes is "no object"; <= 0: from the dataset
   model.aux_loss = True
   model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
   model.attention_implementation = None  # None (XLA) | "cudnn" (jax.nn.dot_product_attention)
@@ -62,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Data (detr_jax.data) ---
   config.dataset = ds = ml_collections.ConfigDict()
   ds.name = "coco"  # coco | coco_folder | shapes
-  ds.data_dir = None  # TFDS data_dir (None: ~/tensorflow_datasets); a gs:// path works on TPU
+  # TFDS data_dir (unset: ~/tensorflow_datasets); a gs:// path works on TPU.
+  ds.data_dir = config_dict.placeholder(str)
   ds.train_split = "train"
   ds.eval_split = "validation"
   ds.annotations_file = ""  # coco_folder only: instances JSON ...
@@ -102,9 +104,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.steps_per_epoch = COCO_EPOCH_IMAGES // config.batch_size
   config.eval_batch_size = 64
   config.log_every_steps = 100
-  config.eval_every_steps = 20_000
+  config.eval_every_steps = 20_000  # > 0: also at the end; 0: only at the end; < 0: never
   config.checkpoint_every_steps = 2_000
   config.keep_checkpoints = 3
   config.init_from = ""  # converted checkpoint dir (python -m detr_jax.convert) for fine-tuning
   config.num_visualizations = 0  # validation PNGs with predicted boxes written at the end
+  config.visualization_threshold = 0.5  # lowest score drawn in those PNGs
+  config.backbone_init = ""  # torchvision ResNet .pth (ImageNet) for the backbone, when training from scratch
   return config

@@ -120,8 +120,9 @@ class CocoEvaluator:
       evaluator.accumulate()
       evaluator.summarize()
     logging.info("COCO box evaluation:\n%s", summary.getvalue())
-    # pycocotools reports -1 where no ground truth exists (e.g. no small objects).
-    return {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
+    # pycocotools reports -1 where no ground truth of that size exists (e.g. no large objects);
+    # kept as -1 so that it is not read as a score of 0.
+    return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
 
 
 def make_predict_fn(model, mesh) -> Callable[..., Any]:

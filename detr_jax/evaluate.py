@@ -25,12 +25,14 @@ import numpy as np
 from pycocotools import coco
 from pycocotools import cocoeval
 
+from detr_jax import losses
+
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _GT_KEYS = ("image_id", "orig_size", "example_valid", "gt_boxes", "gt_labels", "gt_is_crowd",
             "gt_area", "gt_valid")
 
 
-def postprocess(pred_logits, pred_boxes, orig_size):
+def postprocess(pred_logits, pred_boxes, orig_size, activation: str = "softmax"):
   """Turns raw DETR outputs into scored detections (official PostProcess).
 
   Works on numpy or jax arrays.
@@ -39,12 +41,20 @@ def postprocess(pred_logits, pred_boxes, orig_size):
     pred_logits: [batch, queries, num_classes + 1]; the last class is "no object".
     pred_boxes: [batch, queries, 4] cxcywh in [0, 1] of the unpadded image.
     orig_size: [batch, 2] (height, width) of the original images.
+    activation: "softmax" (official) or "sigmoid" (models trained with a sigmoid label loss,
+      e.g. sigmoid_focal: independent scores of the real classes). See `losses.LabelLoss`.
 
   Returns:
     (scores [batch, queries], labels [batch, queries] int32, boxes [batch, queries, 4] xyxy in
     original pixels).
   """
-  prob = jax.nn.softmax(jnp.asarray(pred_logits, jnp.float32), axis=-1)[..., :-1]
+  pred_logits = jnp.asarray(pred_logits, jnp.float32)
+  if activation == "softmax":
+    prob = jax.nn.softmax(pred_logits, axis=-1)[..., :-1]
+  elif activation == "sigmoid":
+    prob = jax.nn.sigmoid(pred_logits[..., :-1])
+  else:
+    raise ValueError(f"Unknown activation {activation!r}; use 'softmax' or 'sigmoid'.")
   scores = prob.max(axis=-1)
   labels = prob.argmax(axis=-1).astype(jnp.int32)
   cx, cy, w, h = jnp.moveaxis(jnp.asarray(pred_boxes, jnp.float32), -1, 0)
@@ -125,17 +135,18 @@ class CocoEvaluator:
     return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
 
 
-def make_predict_fn(model, mesh) -> Callable[..., Any]:
+def make_predict_fn(model, mesh, activation: str = "softmax") -> Callable[..., Any]:
   """Returns a jitted fn(variables, images, pixel_mask, orig_size) -> (scores, labels, boxes).
 
-  Inputs and outputs are sharded on the mesh axis "data", variables replicated.
+  Inputs and outputs are sharded on the mesh axis "data", variables replicated; `activation` as
+  in `postprocess`.
   """
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
   def predict(variables, images, pixel_mask, orig_size):
     outputs = model.apply(variables, images, pixel_mask, train=False)
-    return postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_size)
+    return postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_size, activation)
 
   return jax.jit(predict, in_shardings=(replicated, data, data, data),
                  out_shardings=(data, data, data))
@@ -152,7 +163,8 @@ def _to_host(x, mesh) -> np.ndarray:
 def predict_batches(config, model, variables, mesh) -> Iterator[tuple[dict, tuple]]:
   """Yields (local numpy eval batch, (scores, labels, boxes) of its rows) over the eval split."""
   from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  predict = make_predict_fn(model, mesh)
+  activation = losses.get_label_loss(config.loss.get("label_loss", "softmax_ce")).activation
+  predict = make_predict_fn(model, mesh, activation)
   for local in input_pipeline.create_eval_iterator(config):
     inputs = input_pipeline.make_global_batch(
         {"images": local["images"], "pixel_mask": local["pixel_mask"],

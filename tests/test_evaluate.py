@@ -27,6 +27,20 @@ def test_postprocess_matches_numpy_closed_form():
       np.testing.assert_allclose(xyxy[b, q], expected, rtol=1e-5, atol=1e-4)
 
 
+def test_postprocess_sigmoid_scores_real_classes_only():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 5, 4)).astype(np.float32) * 3
+  logits[..., -1] = 50.0  # the no-object logit must not matter for sigmoid-trained models
+  boxes = rng.uniform(0.1, 0.9, size=(2, 5, 4)).astype(np.float32)
+  orig_size = np.array([[480, 640], [100, 50]], np.int32)
+  scores, labels, _ = map(np.asarray, evaluate.postprocess(logits, boxes, orig_size, "sigmoid"))
+  prob = 1.0 / (1.0 + np.exp(-logits[..., :3]))
+  np.testing.assert_allclose(scores, prob.max(-1), rtol=1e-5)
+  np.testing.assert_array_equal(labels, prob.argmax(-1))
+  with pytest.raises(ValueError, match="activation"):
+    evaluate.postprocess(logits, boxes, orig_size, "softplus")
+
+
 def _eval_batch(rng, image_ids, num_boxes, m=6, filler=0):
   """An eval batch with the contract's fields: random xywh ground truth in original pixels."""
   b = len(image_ids) + filler

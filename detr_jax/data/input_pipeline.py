@@ -12,7 +12,8 @@ Determinism and resume. Each process reads its own shard of the train split
 batches, `steps_per_epoch = usable examples per shard // local batch`, the same on every process.
 Epoch e reads the shard with TFDS file shuffling and a shuffle buffer, both seeded by
 (config.seed, e); example j of the epoch is augmented with stateless random ops seeded by
-(config.seed, e, process_index, j). So batch k is a function of (config.seed, k) only, and
+(config.seed, e, process_index, j). So, for a given number of processes, batch k is a function
+of (config.seed, k) only (a run resumed on a different number of hosts reads other shards), and
 `start_step=k` starts at epoch k // steps_per_epoch and skips (k % steps_per_epoch) * b records
 of that epoch before their images are decoded.
 

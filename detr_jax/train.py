@@ -128,9 +128,8 @@ def init_variables(config, model, rng) -> dict[str, Any]:
       variables[col], _ = checkpointing.merge_pretrained(
           variables[col], loaded.get(col, {}), name=col)
   if backbone_init:
-    import torch  # pylint: disable=g-import-not-at-top
     from detr_jax import convert  # pylint: disable=g-import-not-at-top
-    state_dict = torch.load(backbone_init, map_location="cpu", weights_only=True)
+    state_dict = convert.read_state_dict(backbone_init)  # .pth (needs torch) or .safetensors
     loaded = convert.backbone_from_torchvision(state_dict, config.model)
     logging.info("Initialising the backbone from torchvision weights %s.", backbone_init)
     for col in ("params", "batch_stats"):

@@ -194,3 +194,30 @@ def test_batch_size_must_divide_devices(tiny_config):
   config.batch_size = 6
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
     train.check_batch_sizes(config, train.create_mesh())
+
+
+def test_backbone_init_loads_torchvision_resnet(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  from detr_jax import convert  # pylint: disable=g-import-not-at-top
+  from detr_jax import models  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  resnet18 = torch_reference.TorchvisionResNet(torch_reference.BasicBlock, (2, 2, 2, 2))
+  path = str(tmp_path / "resnet18.pth")
+  torch.save(resnet18.state_dict(), path)
+
+  config = tiny_test.get_config()
+  model = models.build_model(config.model)
+  fresh = train.init_variables(config, model, jax.random.PRNGKey(5))
+  config.backbone_init = path
+  loaded = train.init_variables(config, model, jax.random.PRNGKey(5))
+  expected = convert.backbone_from_torchvision(
+      torch_reference.numpy_state_dict(resnet18), config.model)
+
+  for col in ("params", "batch_stats"):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded[col]["backbone"]),
+                 jax.device_get(expected[col]["backbone"]))
+  np.testing.assert_array_equal(loaded["params"]["class_embed"]["kernel"],
+                                fresh["params"]["class_embed"]["kernel"])
+  assert not np.array_equal(loaded["params"]["backbone"]["conv1"]["kernel"],
+                            fresh["params"]["backbone"]["conv1"]["kernel"])

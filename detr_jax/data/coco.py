@@ -80,12 +80,8 @@ def decode_example(raw):
   }
 
 
-def has_training_boxes(raw):
-  """True when a coco/2017 record holds a non-crowd box with positive width and height."""
-  bbox = tf.reshape(tf.cast(raw["objects"]["bbox"], tf.float32), [-1, 4])
-  usable = ((bbox[:, 2] > bbox[:, 0]) & (bbox[:, 3] > bbox[:, 1])
-            & tf.logical_not(tf.cast(raw["objects"]["is_crowd"], tf.bool)))
-  return tf.reduce_any(usable)
+# TFDS coco boxes are (ymin, xmin, ymax, xmax): the same "max > min on both axes" test applies.
+has_training_boxes = features.has_training_boxes
 
 
 def builder(ds_config) -> tfds.core.DatasetBuilder:

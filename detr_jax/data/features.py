@@ -54,7 +54,11 @@ def decode_example(raw):
 
 
 def has_training_boxes(raw):
-  """True when a record holds at least one non-crowd box with positive width and height."""
+  """True when a record holds at least one non-crowd box with positive width and height.
+
+  Boxes are corner boxes, (x0, y0, x1, y1) or TFDS's (ymin, xmin, ymax, xmax): either way a box
+  has positive size when coordinate 2 > 0 and 3 > 1.
+  """
   boxes = tf.reshape(tf.cast(raw["objects"]["bbox"], tf.float32), [-1, 4])
   usable = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             & tf.logical_not(tf.cast(raw["objects"]["is_crowd"], tf.bool)))

@@ -83,7 +83,7 @@ class CocoEvaluator:
     """Adds one batch.
 
     Args:
-      batch: numpy eval batch with the contract's image_id, orig_size, example_valid and gt_*
+      batch: numpy eval batch with the input pipeline's image_id, orig_size, example_valid and gt_*
         fields (gt_boxes xywh in original pixels).
       scores: [b, queries] detection scores.
       labels: [b, queries] detection labels in the dataset's category-id space.

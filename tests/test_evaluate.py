@@ -42,7 +42,7 @@ def test_postprocess_sigmoid_scores_real_classes_only():
 
 
 def _eval_batch(rng, image_ids, num_boxes, m=6, filler=0):
-  """An eval batch with the contract's fields: random xywh ground truth in original pixels."""
+  """An eval batch with the input pipeline's eval fields: random xywh ground truth in original pixels."""
   b = len(image_ids) + filler
   orig = np.stack([rng.integers(200, 400, b), rng.integers(200, 400, b)], -1).astype(np.int32)
   xy = rng.uniform(0, 100, (b, m, 2))

@@ -263,7 +263,7 @@ def test_dc5_layer4_uses_dilation():
   assert len(strided) == 5  # stem, layer2_0 and layer3_0 (3x3 conv and downsample); none in layer4
 
 
-def test_resnet50_param_tree_matches_contract():
+def test_resnet50_param_tree_matches_documented_layout():
   config = detr_r50_coco.get_config().model
   model = build_model(config)
   images, pixel_mask = jnp.zeros((1, 64, 64, 3)), jnp.ones((1, 64, 64), bool)

@@ -20,7 +20,7 @@ NUM_BOXES = 3
 
 
 def _synthetic_batch(config, seed):
-  """A train batch with the contract's keys; every image has NUM_BOXES boxes.
+  """A train batch with the input pipeline's train keys; every image has NUM_BOXES boxes.
 
   Equal box counts make the official per-device mean of loss_ce equal to the global-batch mean,
   so 8 devices and 1 device must agree.

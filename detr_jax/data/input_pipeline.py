@@ -1,6 +1,6 @@
 """Input pipeline: TFDS records -> augmented, padded, bucketed numpy batches for the train step.
 
-Public API (the team contract):
+Public API:
 
     info = dataset_info(config.dataset)
     it = create_train_iterator(config, start_step=0, process_index=None, process_count=None)

@@ -1,4 +1,23 @@
-"""DETR model: `build_model(config.model)` and `param_labels(params, config.model)`."""
+"""DETR model: `build_model(config.model)` and `param_labels(params, config.model)`.
+
+Variables (flax names; Dense kernels [in, out], Conv kernels HWIO):
+
+  params/backbone/conv1/kernel                          [7, 7, 3, 64]
+  params/backbone/layer{1..4}_{j}/conv{1,2,3}/kernel    (conv1, conv2 only for resnet18/34)
+  params/backbone/layer{1..4}_0/downsample_conv/kernel  where the block downsamples
+  params/input_proj/{kernel [1, 1, C, D], bias}
+  params/transformer/encoder_layer_{i}/self_attn/{query,key,value,out}/{kernel [D, D], bias}
+  params/transformer/encoder_layer_{i}/{linear1,linear2,norm1,norm2}
+  params/transformer/encoder_norm                       (pre_norm only)
+  params/transformer/decoder_layer_{i}/{self_attn,cross_attn}/{query,key,value,out}
+  params/transformer/decoder_layer_{i}/{linear1,linear2,norm1,norm2,norm3}
+  params/transformer/decoder_norm
+  params/query_embed/embedding [Q, D]; params/class_embed; params/bbox_embed/layers_{0,1,2}
+  params/position_embedding/{row_embed,col_embed}/embedding [50, D/2]   (learned only)
+  batch_stats/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias,mean,var}  (frozen BatchNorm)
+
+`detr_jax.convert` maps the official and Hugging Face state_dicts onto this tree.
+"""
 
 from typing import Any
 

@@ -104,8 +104,18 @@ def matching_cost(pred_logits, pred_boxes, target_labels, target_boxes, loss_con
           + loss_config.get("cost_giou", 2.0) * -giou)
 
 
-def _finite_cost(cost):
-  return jnp.where(jnp.isfinite(cost), cost, _NONFINITE_COST)
+def _prepare(cost, valid):
+  """No gradient, finite cost; valid [B, M] broadcast to the cost's [L, B, M]."""
+  cost = jax.lax.stop_gradient(jnp.where(jnp.isfinite(cost), cost, _NONFINITE_COST))
+  return cost, jnp.broadcast_to(valid, cost.shape[:-2] + cost.shape[-1:])
+
+
+def _per_image(solve_one_image, cost, valid):
+  """Applies a [Q, M] solver to every image of every decoder output of `cost` [..., Q, M]."""
+  solve = solve_one_image
+  for _ in range(cost.ndim - 2):
+    solve = jax.vmap(solve)
+  return solve(cost, valid)
 
 
 # --- Matchers: (cost [L, B, Q, M], valid [B, M]) -> match_indices int32 [L, B, M] ---
@@ -138,8 +148,7 @@ def hungarian_host(cost, valid):
   Returns:
     [L, B, M] int32 matched query per target slot, -1 on padding.
   """
-  cost = jax.lax.stop_gradient(_finite_cost(cost))
-  valid = jnp.broadcast_to(valid, cost.shape[:-2] + cost.shape[-1:])
+  cost, valid = _prepare(cost, valid)
   result_shape = jax.ShapeDtypeStruct(valid.shape, jnp.int32)
   # broadcast_all: under vmap the callback gets the full batched arrays and still runs once.
   return jax.pure_callback(_solve_on_host, result_shape, cost, valid, vmap_method="broadcast_all")
@@ -187,12 +196,7 @@ def hungarian_device(cost, valid):
         f"matcher 'hungarian_device' inside jax.shard_map needs check_vma=False (the cost varies "
         f"over mesh axes {sorted(varying_axes)} and optax.assignment.hungarian_algorithm's loops "
         "do not carry that type); pass check_vma=False to jax.shard_map or use 'hungarian_host'.")
-  cost = jax.lax.stop_gradient(_finite_cost(cost))
-  valid = jnp.broadcast_to(valid, cost.shape[:-2] + cost.shape[-1:])
-  solve = _hungarian_one_image
-  for _ in range(cost.ndim - 2):
-    solve = jax.vmap(solve)
-  return solve(cost, valid)
+  return _per_image(_hungarian_one_image, *_prepare(cost, valid))
 
 
 def _greedy_one_image(cost, valid):
@@ -227,12 +231,7 @@ def greedy(cost, valid):
     [L, B, M] int32 matched query per target slot, -1 on padding.
   """
   # Non-finite costs become a large finite value, then padding becomes inf (never picked).
-  cost = jax.lax.stop_gradient(_finite_cost(cost))
-  valid = jnp.broadcast_to(valid, cost.shape[:-2] + cost.shape[-1:])
-  solve = _greedy_one_image
-  for _ in range(cost.ndim - 2):
-    solve = jax.vmap(solve)
-  return solve(cost, valid)
+  return _per_image(_greedy_one_image, *_prepare(cost, valid))
 
 
 MATCHERS: dict[str, Callable] = {

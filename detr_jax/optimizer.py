@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-FROZEN, BACKBONE, TRANSFORMER = "frozen", "backbone", "transformer"
+from detr_jax.models import BACKBONE
+from detr_jax.models import FROZEN
+from detr_jax.models import TRANSFORMER
+
 _SCHEDULES = ("step", "cosine", "constant")
 
 

@@ -9,10 +9,11 @@ from PIL import Image
 from PIL import ImageDraw
 
 from detr_jax import evaluate
+from detr_jax.data import transforms
 
-# The input pipeline normalises with the ImageNet statistics (DETR_SPEC).
-_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# Undoes the input pipeline's normalisation.
+_MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
+_STD = np.array(transforms.IMAGENET_STD, np.float32)
 _COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
            "#bfef45", "#469990", "#9a6324")
 

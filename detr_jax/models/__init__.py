@@ -29,6 +29,8 @@ from detr_jax.models.detr import DETR
 from detr_jax.models.detr import DTYPES
 from detr_jax.models.detr import POSITION_EMBEDDINGS
 
+# Parameter groups of `param_labels`, the optimizer's keys.
+FROZEN, BACKBONE, TRANSFORMER = "frozen", "backbone", "transformer"
 TRAIN_BACKBONE_FROM = ("stem", "layer1", "layer2", "layer3", "layer4", "none")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
@@ -110,8 +112,8 @@ def param_labels(params: Any, model_config: ml_collections.ConfigDict) -> Any:
   def label(path, _):
     keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
     if not keys or keys[0] != "backbone":
-      return "transformer"
+      return TRANSFORMER
     stage = stages.index(resnet.stage_of(str(keys[1])))
-    return "frozen" if stage < first_trained else "backbone"
+    return FROZEN if stage < first_trained else BACKBONE
 
   return jax.tree_util.tree_map_with_path(label, params)

@@ -19,7 +19,6 @@ Command:
 import json
 import os
 import re
-import sys
 from typing import Any, Mapping
 
 from absl import app
@@ -393,42 +392,50 @@ def read_state_dict(path: str, allow_pickle: bool = False) -> Mapping[str, Any]:
                      "file, rerun with --allow_pickle.") from e
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (its .model is used).")
-_INPUT = flags.DEFINE_string("input", None, "PyTorch DETR weights: .pth, .pt, .bin, .safetensors.")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory to write the orbax checkpoint to.")
-_ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False,
-                                  "torch.load with weights_only=False (trusted files only).")
+def convert_file(input_path: str, model_config, output: str, allow_pickle: bool = False) -> str:
+  """Converts a PyTorch DETR weights file into an orbax checkpoint directory.
 
+  Args:
+    input_path: .pth/.pt/.bin (needs torch) or .safetensors file, official or Hugging Face layout.
+    model_config: `config.model` describing the checkpoint's architecture.
+    output: directory to create; it must not exist. `config.json` (the model config) is written
+      beside the checkpoint.
+    allow_pickle: torch.load with weights_only=False (trusted files only).
 
-def main(argv):
-  """Converts --input into an orbax checkpoint at --output; argv as for absl `app.run`."""
-  if len(argv) > 1:  # called directly, e.g. main(["convert", "--input=..."]), not by app.run
-    # config_flags reads the --config.* overrides from sys.argv, not from the parsed list.
-    saved_argv, sys.argv = sys.argv, list(argv)
-    try:
-      flags.FLAGS.unparse_flags()  # no values left over from an earlier call ...
-      for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-        delattr(flags.FLAGS, name)  # ... nor its --config.* overrides, which parsing defines
-      flags.FLAGS(argv)
-    finally:
-      sys.argv = saved_argv
-  for name, value in (("--input", _INPUT.value), ("--output", _OUTPUT.value),
-                      ("--config", _CONFIG.value)):
-    if not value:
-      raise app.UsageError(f"{name} is required.")
-  model_config = _CONFIG.value.model
-  output = os.path.abspath(_OUTPUT.value)
+  Returns:
+    The line the command prints: what was read and where it was written.
+  """
+  output = os.path.abspath(output)
   if os.path.exists(output):
     raise ValueError(f"--output {output} exists; choose a new directory.")
-  state_dict = _clean(read_state_dict(_INPUT.value, _ALLOW_PICKLE.value))
+  state_dict = _clean(read_state_dict(input_path, allow_pickle))
   variables = from_torch_state_dict(state_dict, model_config)
   save_variables(variables, output)
   with open(os.path.join(output, "config.json"), "w") as f:
     f.write(json.dumps(model_config.to_dict(), indent=2, default=str))
   num_tensors = len(jax.tree.leaves(variables))
-  print(f"Converted {_INPUT.value} ({detect_layout(state_dict)} layout, {len(state_dict)} torch "
-        f"tensors) into {num_tensors} Flax arrays at {output}")
+  return (f"Converted {input_path} ({detect_layout(state_dict)} layout, {len(state_dict)} torch "
+          f"tensors) into {num_tensors} Flax arrays at {output}")
+
+
+def _define_flags():
+  """The command's flags; defined only when this module runs as the program, so that importing
+  `detr_jax.convert` into another absl program (train, evaluate, a user's) defines none."""
+  config_flags.DEFINE_config_file("config", None, "Config file (its .model is used).")
+  flags.DEFINE_string("input", None, "PyTorch DETR weights: .pth, .pt, .bin, .safetensors.")
+  flags.DEFINE_string("output", None, "Directory to write the orbax checkpoint to.")
+  flags.DEFINE_bool("allow_pickle", False,
+                    "torch.load with weights_only=False (trusted files only).")
+  flags.mark_flags_as_required(["config", "input", "output"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  print(convert_file(FLAGS.input, FLAGS.config.model, FLAGS.output, FLAGS.allow_pickle))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

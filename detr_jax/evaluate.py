@@ -1,8 +1,9 @@
 r"""Evaluation: DETR post-processing and COCO box AP with pycocotools.
 
-Post-processing is the official one (DETR_SPEC "post-processing"): softmax over the classes, drop
-the "no object" column, score = max probability, label = its argmax, boxes cxcywh -> xyxy scaled
-by the original image size; no threshold, no NMS, every query is a detection.
+Post-processing is the official one (`models/detr.py`, `PostProcess.forward`, in
+facebookresearch/detr at commit 29901c5): softmax over the classes, drop the "no object" column,
+score = max probability, label = its argmax, boxes cxcywh -> xyxy scaled by the original image
+size; no threshold, no NMS, every query is a detection.
 
 The COCO ground truth is built from the eval batches' `gt_*` fields (all annotations, crowd
 included, in original pixels), so any dataset of the input pipeline is scored the same way.

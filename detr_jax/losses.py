@@ -18,8 +18,9 @@ A new term is one function with the `LabelLoss.loss` signature and one entry in 
 
 Multi-device use: call inside `jax.shard_map` (or `jax.vmap` with an axis name) with
 `axis_name="data"`; num_boxes is then the global box count divided by the number of devices,
-clamped to >= 1 (DETR_SPEC). The returned values are this device's loss; averaging gradients
-over devices (pmean) reproduces the official distributed training.
+clamped to >= 1 (official `models/detr.py`, `SetCriterion.forward`, in facebookresearch/detr at
+commit 29901c5). The returned values are this device's loss; averaging gradients over devices
+(pmean) reproduces the official distributed training.
 """
 
 import functools

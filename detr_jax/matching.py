@@ -1,6 +1,7 @@
 """Bipartite matching of predicted queries to padded target boxes (official DETR `matcher.py`).
 
-Cost (DETR_SPEC): C = cost_class * class_cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU(xyxy)),
+Cost (official `models/matcher.py`, `HungarianMatcher.forward`, in facebookresearch/detr at
+commit 29901c5): C = cost_class * class_cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU(xyxy)),
 with the class term picked by `config.loss.class_cost_type` from `CLASS_COSTS` ("softmax": the
 official -p[target class]; "focal": the Deformable DETR focal cost). The assignment carries no
 gradient.

@@ -1,8 +1,9 @@
 """Optimizer: AdamW with per-group learning rates, global-norm clipping and an lr schedule.
 
-The official recipe (DETR_SPEC "Training recipe"): AdamW, weight decay 1e-4 on every trained
-parameter, lr 1e-4 for the transformer and heads, lr_backbone 1e-5 for the trained backbone
-stages, gradients clipped to global norm 0.1 over all trained parameters (torch
+The official recipe (paper Sec. 4, "Technical details"; the arguments and optimizer set-up of
+the official `main.py`, facebookresearch/detr at commit 29901c5): AdamW, weight decay 1e-4 on
+every trained parameter, lr 1e-4 for the transformer and heads, lr_backbone 1e-5 for the trained
+backbone stages, gradients clipped to global norm 0.1 over all trained parameters (torch
 `clip_grad_norm_`), lr x0.1 after `lr_drop` epochs (torch `StepLR`, stepped once per epoch).
 
 Parameter groups come from `detr_jax.models.param_labels`: "frozen" leaves get no update (and no

@@ -5,8 +5,6 @@ layout is derived from it by the documented key mapping in tests/torch_reference
 independently of the converter.
 """
 
-import os
-import subprocess
 import sys
 
 import jax
@@ -28,11 +26,6 @@ ATOL = 1e-4
 HF_KWARGS = dict(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
                  encoder_layers=2, decoder_layers=3, encoder_ffn_dim=96, decoder_ffn_dim=96,
                  num_queries=12, num_labels=9, dropout=0.0)
-TINY_HF_KWARGS = dict(  # configs/tiny_test.py: ResNet-18, width 32, 2 + 2 layers, 10 queries
-    d_model=32, encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2,
-    decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_labels=5,
-    backbone_config=dict(model_type="resnet", layer_type="basic", depths=[2, 2, 2, 2],
-                         hidden_sizes=[64, 128, 256, 512], out_features=["stage4"]))
 
 
 def _model_config(**overrides):
@@ -117,7 +110,7 @@ def test_hf_parity_r50(hf_model, hf_variables):
 def test_hf_parity_resnet18_learned_position_embedding():
   """ResNet-18 (BasicBlock) and the learned position embedding match HF too."""
   hf_model = torch_reference.random_hf_detr(seed=1, position_embedding_type="learned",
-                                            **TINY_HF_KWARGS)
+                                            **torch_reference.TINY_HF_KWARGS)
   model_config = tiny_test.get_config().model
   model_config.update(num_classes=5, position_embedding="learned", aux_loss=False)
   variables = convert.from_torch_state_dict(torch_reference.numpy_state_dict(hf_model),
@@ -145,7 +138,8 @@ def test_other_layouts_give_identical_variables(variant, hf_state_dict, hf_varia
   """Official (bare, {"model": ...}, panoptic `detr.`) and HF stored names convert the same."""
   official = torch_reference.hf_to_official(hf_state_dict)
   if variant == "official":
-    # The mapped names and shapes are exactly the official ones enumerated from DETR_SPEC.
+    # The mapped names and shapes are exactly the official ones (enumerated from the official
+    # model's module names).
     assert {k: v.shape for k, v in official.items()} == torch_reference.official_shapes(
         num_classes=9, num_queries=12, hidden_dim=64, dim_feedforward=96, enc_layers=2,
         dec_layers=3)
@@ -173,7 +167,7 @@ def test_official_r101_and_dc5_shapes_convert(config_module, blocks):
   """Full-size official R101 / DC5 checkpoints (zeros of the real shapes) convert completely."""
   shapes = torch_reference.official_shapes(blocks=blocks)
   if blocks == (3, 4, 6, 3):
-    assert len(shapes) == 458  # DETR_SPEC: official R50 checkpoint
+    assert len(shapes) == 458  # tensors in the published detr-r50-e632da11.pth
   state_dict = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
   # One recognisable fused projection, to check the [q; k; v] split and the transpose.
   in_proj = np.arange(768 * 256, dtype=np.float32).reshape(768, 256)
@@ -244,14 +238,17 @@ def test_backbone_from_torchvision(arch, dilation):
         state_dict, _model_config(backbone="resnet34" if arch == "resnet18" else "resnet101"))
 
 
-def test_cli_round_trip(tmp_path, monkeypatch):
-  """.safetensors (HF names) and .pth ({"model": official}) -> main() -> load_variables."""
+def test_convert_file_round_trip(tmp_path, monkeypatch):
+  """.safetensors (HF names) and .pth ({"model": official}) -> convert_file -> load_variables.
+
+  The command line (`python -m detr_jax.convert`) is run in tests/test_commands.py.
+  """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  hf_model = torch_reference.random_hf_detr(seed=3, **TINY_HF_KWARGS)
+  hf_model = torch_reference.random_hf_detr(seed=3, **torch_reference.TINY_HF_KWARGS)
   hf_state_dict = torch_reference.numpy_state_dict(hf_model)
   model_config = tiny_test.get_config().model
-  model_config.num_classes = 5  # set by the --config.model.num_classes override below
+  model_config.num_classes = 5
   expected = convert.from_torch_state_dict(hf_state_dict, model_config)
 
   safetensors_file = str(tmp_path / "detr.safetensors")
@@ -259,19 +256,11 @@ def test_cli_round_trip(tmp_path, monkeypatch):
   pth_file = str(tmp_path / "detr.pth")
   torch.save({"model": {k: torch.from_numpy(v) for k, v in
                         torch_reference.hf_to_official(hf_state_dict).items()}}, pth_file)
-  config_file = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_test.py")
 
-  # .pth in process (absl flags re-parsed by main); .safetensors via `python -m` with torch
-  # made unimportable, which also checks that reading .safetensors needs no torch.
-  convert.main(["convert", f"--input={pth_file}", f"--config={config_file}",
-                f"--output={tmp_path / 'from_pth'}", "--config.model.num_classes=5"])
-  code = ("import sys; sys.modules['torch'] = None; from absl import app; "
-          "from detr_jax import convert; app.run(convert.main)")
-  subprocess.run(
-      [sys.executable, "-c", code, f"--input={safetensors_file}", f"--config={config_file}",
-       f"--output={tmp_path / 'from_safetensors'}", "--config.model.num_classes=5"],
-      check=True, cwd=os.path.join(os.path.dirname(__file__), ".."),
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  message = convert.convert_file(pth_file, model_config, str(tmp_path / "from_pth"))
+  assert message.startswith(f"Converted {pth_file} (official layout, ")
+  message = convert.convert_file(safetensors_file, model_config, str(tmp_path / "from_safetensors"))
+  assert "(huggingface layout" in message
 
   for name in ("from_pth", "from_safetensors"):
     assert (tmp_path / name / "config.json").exists()
@@ -285,12 +274,11 @@ def test_cli_round_trip(tmp_path, monkeypatch):
   actual = _apply(model_config, loaded, images, pixel_mask)
   np.testing.assert_allclose(actual["pred_logits"], hf_logits, atol=ATOL, rtol=0)
 
-  with pytest.raises(ValueError, match="num_classes=5"):  # no override: the config says 6
-    convert.main(["convert", f"--input={pth_file}", f"--config={config_file}",
-                  f"--output={tmp_path / 'again'}"])
+  tiny_config = tiny_test.get_config().model  # num_classes=6: not the checkpoint's 5
+  with pytest.raises(ValueError, match="num_classes=5"):
+    convert.convert_file(pth_file, tiny_config, str(tmp_path / "again"))
   with pytest.raises(ValueError, match="exists"):
-    convert.main(["convert", f"--input={pth_file}", f"--config={config_file}",
-                  f"--output={tmp_path / 'from_pth'}", "--config.model.num_classes=5"])
+    convert.convert_file(pth_file, model_config, str(tmp_path / "from_pth"))
   with pytest.raises(ValueError, match="No converted checkpoint"):
     convert.load_variables(str(tmp_path / "nothing_here"))
   monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed

@@ -193,7 +193,7 @@ def test_varifocal_loss_equals_rt_detr_reference():
 
 
 def test_num_boxes_is_global_average_under_shard_map_and_vmap():
-  """Per device: the box sums over the global box count / device count (DETR_SPEC)."""
+  """Per device: box sums over the global box count / device count (`SetCriterion.forward`)."""
   num_devices = 8
   logits, boxes, targets = _random_batch(3, layers=2, batch=num_devices, queries=6, slots=4)
   config = _loss_config(matcher="hungarian_host")

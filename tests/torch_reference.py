@@ -14,6 +14,13 @@ from transformers import DetrForObjectDetection
 
 _BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
+# configs/tiny_test.py's architecture: ResNet-18, width 32, 2 + 2 layers, 10 queries.
+TINY_HF_KWARGS = dict(
+    d_model=32, encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2,
+    decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_labels=5,
+    backbone_config=dict(model_type="resnet", layer_type="basic", depths=[2, 2, 2, 2],
+                         hidden_sizes=[64, 128, 256, 512], out_features=["stage4"]))
+
 
 def randomize_frozen_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
   """Gives every frozen BatchNorm buffer non-trivial values, so the BN conversion matters."""
@@ -122,7 +129,11 @@ def hf_to_published_names(state_dict: dict[str, np.ndarray]) -> dict[str, np.nda
 
 def official_shapes(blocks=(3, 4, 6, 3), num_classes=91, num_queries=100, hidden_dim=256,
                     dim_feedforward=2048, enc_layers=6, dec_layers=6) -> dict[str, tuple]:
-  """Names and shapes of an official DETR (Bottleneck ResNet) checkpoint, from DETR_SPEC."""
+  """Names and shapes of an official DETR (Bottleneck ResNet) checkpoint.
+
+  Derived from the module names of the official `models/backbone.py`, `models/transformer.py` and
+  `models/detr.py`.
+  """
   shapes = {"backbone.0.body.conv1.weight": (64, 3, 7, 7)}
   bn = lambda prefix, c: {f"{prefix}.{f}": (c,) for f in _BN_BUFFERS}  # noqa: E731
   shapes.update(bn("backbone.0.body.bn1", 64))

@@ -1,0 +1,380 @@
+"""Every command the README and the config docstrings show, run as a user types it.
+
+Each documented command line is taken from the documentation itself and run in a shell from the
+repository root, in a subprocess with one CPU device (as a user has it), on tiny data the tests
+write. Placeholders (a published weights file, `/tmp/...` and `gs://` paths, `DIR`) are replaced
+by the test's own files, and `--config.*` overrides shrink the data and the step count; published
+COCO architectures are stood in for by configs/tiny_test.py where a converted checkpoint is needed.
+
+`test_every_documented_command_is_covered` fails when a command appears in the documentation
+that no test here runs (or that is not listed with the reason it is not run), so a new command
+joins this file when it joins the README.
+"""
+
+import ast
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from configs import tiny_test
+from detr_jax import convert
+import torch_reference
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+# Words a documented command starts with.
+_PREFIXES = ("python", "PYTHONPATH=", "pip ", "pytest", "tensorboard", "tfds ")
+
+# --- The documented commands, verbatim, grouped by the test that runs them.
+MAIN_JOB = "python -m detr_jax.main --config configs/shapes.py --workdir /tmp/detr_shapes"
+EVAL_MAIN_JOB = ("python -m detr_jax.evaluate --config configs/shapes.py "
+                 "--checkpoint /tmp/detr_shapes")
+TENSORBOARD = "tensorboard --logdir WORKDIR"
+TINY_JOB = "python -m detr_jax.main --config configs/tiny_test.py --workdir /tmp/detr_tiny"
+CONVERT_PTH = ("python -m detr_jax.convert --input detr-r50-e632da11.pth "
+               "--config configs/detr_r50_coco.py --output /tmp/detr_r50")
+CONVERT_SAFETENSORS = ("python -m detr_jax.convert --input model.safetensors "
+                       "--config configs/detr_r101_coco.py --output /tmp/detr_r101")
+EVAL_CONVERTED = ("python -m detr_jax.evaluate --config configs/detr_r50_coco.py "
+                  "--checkpoint /tmp/detr_r50")
+EVAL_CONVERTED_DOCSTRING = ("python -m detr_jax.evaluate --config configs/detr_r50_coco.py "
+                            "--checkpoint DIR")
+COCO_TRAINING = (
+    "python -m detr_jax.main --config configs/detr_r50_coco.py --workdir gs://BUCKET/detr_r50 "
+    "--config.dataset.data_dir=gs://BUCKET/tensorflow_datasets",
+    "python -m detr_jax.main --config configs/detr_r50_dc5_coco.py --workdir DIR",
+    "python -m detr_jax.main --config configs/detr_r101_coco.py --workdir DIR",
+    "python -m detr_jax.main --config configs/detr_r101_dc5_coco.py --workdir DIR",
+)
+BENCHMARKS = (
+    "PYTHONPATH=. python experiments/bench_model.py --batch 2 --size 512 --iters 4",
+    "PYTHONPATH=. python experiments/bench_matching.py",
+    "PYTHONPATH=. python experiments/bench_input.py",
+)
+# Run by .ci/run, line for line (checked by test_ci_runs_the_readme_install_and_tests).
+CI_COMMANDS = (
+    "python3 -m venv .venv && source .venv/bin/activate",
+    "pip install torch==2.13.0",
+    'pip install -e ".[convert,test]"',
+    "pytest -q tests",
+)
+NOT_RUN = {
+    'pip install -e ".[convert]"': "a subset of the CI install, pip install -e \".[convert,test]\"",
+    "pip install -e .": "a subset of the CI install, pip install -e \".[convert,test]\"",
+    "pytest tests/test_convert.py tests/test_models.py": "part of the CI run, pytest -q tests",
+    'pip install -U "jax[tpu]"': "installs JAX for Cloud TPU VMs, which this machine is not",
+    'pip install -U "jax[cuda12]"': "installs JAX for NVIDIA GPUs, which this machine lacks",
+    "tfds build coco/2017 --data_dir DIR": "downloads COCO, which cannot be reached here; the "
+                                           "COCO commands are checked to ask for it",
+}
+RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
+       EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS}
+
+
+def _command_lines(text: str):
+  """Command lines of a shell snippet: continuations joined, comments dropped."""
+  text = re.sub(r"\\\n\s*", " ", text)
+  for line in text.splitlines():
+    line = line.strip()
+    if line.startswith("#"):
+      continue
+    line = re.split(r"\s+#", line)[0]
+    if line.startswith(_PREFIXES):
+      yield " ".join(line.split())
+
+
+def documented_commands() -> dict[str, str]:
+  """{command: where it is documented} from the README and the configs' docstrings."""
+  found = {}
+  readme = README.read_text()
+  for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+    for command in _command_lines(block):
+      found.setdefault(command, "README.md")
+  for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", readme, flags=re.S)):
+    span = " ".join(span.split())
+    # Commands with arguments; `python -m detr_jax.convert` alone names a command in prose.
+    if span.startswith(_PREFIXES) and len(span.split()) >= 3 and not re.fullmatch(
+        r"python -m \S+", span):
+      found.setdefault(span, "README.md")
+  for path in sorted((REPO / "configs").glob("*.py")):
+    docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+    for command in _command_lines(docstring):
+      found.setdefault(command, f"configs/{path.name}")
+  return found
+
+
+def test_every_documented_command_is_covered():
+  documented = documented_commands()
+  assert MAIN_JOB in documented and CONVERT_PTH in documented  # the collector finds commands
+  known = RUN | set(CI_COMMANDS) | set(NOT_RUN)
+  uncovered = {c: where for c, where in documented.items() if c not in known}
+  assert not uncovered, f"Documented commands that no test runs: {uncovered}"
+  stale = sorted(c for c in known if c not in documented)
+  assert not stale, f"Commands tested here that the documentation no longer shows: {stale}"
+
+
+def test_ci_runs_the_readme_install_and_tests():
+  ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+  for command in CI_COMMANDS:
+    assert command in ci_lines, f".ci/run must run the README's `{command}`"
+
+
+# ------------------------------------------------------------------ running commands
+def _env(**extra) -> dict[str, str]:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user has it (tests/conftest.py sets 8)
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", **extra)
+  return env
+
+
+def run_documented(command: str, replace: dict[str, str] | None = None, extra=(),
+                   expect_rc: int = 0, env=None, timeout: int = 600):
+  """Runs a documented command in bash from the repository root; returns the CompletedProcess.
+
+  Args:
+    command: the command exactly as documented.
+    replace: placeholder -> value (a test's file or directory).
+    extra: further arguments appended as a user would (config overrides).
+    expect_rc: the exit code to assert (None: any non-zero).
+  """
+  for old, new in (replace or {}).items():
+    assert old in command, f"{old!r} is not in {command!r}"
+    command = command.replace(old, new)
+  line = " ".join([command, *map(shlex.quote, map(str, extra))])
+  result = subprocess.run(["bash", "-c", line], cwd=REPO, capture_output=True, text=True,
+                          env=env or _env(), timeout=timeout, check=False)
+  output = f"$ {line}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+  if expect_rc is None:
+    assert result.returncode != 0, output
+  else:
+    assert result.returncode == expect_rc, output
+  return result
+
+
+def _printed_metrics(stdout: str) -> dict[str, float]:
+  metrics = json.loads(stdout[stdout.index("{"):stdout.rindex("}") + 1])
+  assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}, metrics
+  return metrics
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tensorflow_datasets"))
+
+
+# Shrinks the shapes main job to seconds: tiny splits, 2 steps, 2 pictures.
+_SMALL_SHAPES = ("--config.num_train_steps=2", "--config.dataset.num_train_examples=16",
+                 "--config.dataset.num_eval_examples=8", "--config.batch_size=8",
+                 "--config.eval_batch_size=8", "--config.num_visualizations=2")
+
+
+def test_main_job_evaluate_and_tensorboard(tmp_path, data_dir):
+  """README: the main job, evaluating its workdir again, and TensorBoard on it."""
+  workdir = str(tmp_path / "detr_shapes")
+  data = f"--config.dataset.data_dir={data_dir}"
+  run_documented(MAIN_JOB, {"/tmp/detr_shapes": workdir}, [*_SMALL_SHAPES, data])
+  # What the README says the main job writes: checkpoints, AP, PNGs of predicted boxes.
+  trained = json.loads((tmp_path / "detr_shapes" / "eval_metrics.json").read_text())
+  assert trained["step"] == 2
+  assert len(list((tmp_path / "detr_shapes" / "visualizations").glob("*.png"))) == 2
+  assert (tmp_path / "detr_shapes" / "checkpoints").is_dir()
+
+  result = run_documented(EVAL_MAIN_JOB, {"/tmp/detr_shapes": workdir},
+                          [data, "--config.dataset.num_train_examples=16",
+                           "--config.dataset.num_eval_examples=8", "--config.eval_batch_size=8"])
+  metrics = _printed_metrics(result.stdout)
+  for name, value in metrics.items():  # the same weights and images: the same AP
+    assert value == pytest.approx(trained[name], abs=1e-4), name
+
+  result = run_documented(TENSORBOARD, {"WORKDIR": workdir}, ["--inspect"])
+  for tag in ("train/loss", "eval/AP", "train/lr_transformer"):
+    assert tag in result.stdout
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, data_dir):
+  """README: convert a .pth (official layout) and a .safetensors (published HF names)."""
+  tmp = tmp_path_factory.mktemp("convert")
+  # configs/tiny_test.py stands in for the published architectures: ResNet-18, 6 classes.
+  kwargs = dict(torch_reference.TINY_HF_KWARGS, num_labels=6)
+  pth_state = torch_reference.hf_to_official(
+      torch_reference.numpy_state_dict(torch_reference.random_hf_detr(seed=5, **kwargs)))
+  pth_file = tmp / "detr-r50-e632da11.pth"
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in pth_state.items()}}, pth_file)
+  hf_state = torch_reference.hf_to_published_names(
+      torch_reference.numpy_state_dict(torch_reference.random_hf_detr(seed=6, **kwargs)))
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  safetensors_file = tmp / "model.safetensors"
+  save_file(hf_state, str(safetensors_file))
+
+  tiny = "configs/tiny_test.py"
+  out_pth, out_st = str(tmp / "detr_r50"), str(tmp / "detr_r101")
+  result = run_documented(CONVERT_PTH, {"detr-r50-e632da11.pth": str(pth_file),
+                                        "configs/detr_r50_coco.py": tiny,
+                                        "/tmp/detr_r50": out_pth})
+  assert re.search(rf"Converted {re.escape(str(pth_file))} \(official layout, {len(pth_state)} "
+                   rf"torch tensors\) into \d+ Flax arrays at {re.escape(out_pth)}", result.stdout)
+  # Reading .safetensors needs no torch: a `torch` package that fails to import comes first.
+  no_torch = tmp / "no_torch" / "torch"
+  no_torch.mkdir(parents=True)
+  (no_torch / "__init__.py").write_text("raise ImportError('torch is not installed')\n")
+  result = run_documented(CONVERT_SAFETENSORS, {"model.safetensors": str(safetensors_file),
+                                                "configs/detr_r101_coco.py": tiny,
+                                                "/tmp/detr_r101": out_st},
+                          env=_env(PYTHONPATH=str(no_torch.parent)))
+  assert "(huggingface layout" in result.stdout
+
+  model_config = tiny_test.get_config().model
+  for out, state in ((out_pth, pth_state), (out_st, hf_state)):
+    expected = convert.from_torch_state_dict(state, model_config)
+    loaded = convert.load_variables(out)
+    for path, value in _flat(expected).items():
+      np.testing.assert_array_equal(_flat(loaded)[path], value, err_msg=path)
+  return {"pth": out_pth, "safetensors": out_st, "variables": convert.load_variables(out_pth)}
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = np.asarray(value)
+  return out
+
+
+def test_convert_then_evaluate(converted, data_dir):
+  """README and configs/detr_r50_coco.py: evaluate a converted checkpoint."""
+  data = f"--config.dataset.data_dir={data_dir}"
+  results = []
+  for command, placeholder in ((EVAL_CONVERTED, "/tmp/detr_r50"),
+                               (EVAL_CONVERTED_DOCSTRING, "DIR")):
+    result = run_documented(command, {"configs/detr_r50_coco.py": "configs/tiny_test.py",
+                                      placeholder: converted["pth"]}, [data])
+    results.append(_printed_metrics(result.stdout))
+  assert results[0] == results[1]
+  result = run_documented(EVAL_CONVERTED, {"configs/detr_r50_coco.py": "configs/tiny_test.py",
+                                           "/tmp/detr_r50": converted["safetensors"]}, [data])
+  _printed_metrics(result.stdout)
+
+
+def _checkpoint_params(workdir):
+  from detr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  return _flat(evaluate.load_variables_for_eval(workdir))
+
+
+def test_fine_tune_from_converted_then_evaluate_workdir(tmp_path, converted, data_dir):
+  """README: `--config.init_from=DIR` on the tiny job, then `evaluate` on its workdir."""
+  workdir = str(tmp_path / "detr_tiny")
+  data = f"--config.dataset.data_dir={data_dir}"
+  result = run_documented(TINY_JOB, {"/tmp/detr_tiny": workdir},
+                          [data, f"--config.init_from={converted['pth']}"])
+  assert "Initialising from converted checkpoint" in result.stderr
+  # 4 Adam steps at lr 1e-3 move each weight by at most ~4e-3: the run started from the file
+  # (a fresh init differs by O(1)).
+  trained = _checkpoint_params(workdir)
+  start = _flat(converted["variables"])
+  for path in ("params/query_embed/embedding", "params/class_embed/kernel",
+               "params/backbone/conv1/kernel"):
+    assert np.abs(trained[path] - start[path]).max() < 0.01, path
+  np.testing.assert_array_equal(trained["batch_stats/backbone/bn1/var"],
+                                start["batch_stats/backbone/bn1/var"])  # frozen BatchNorm
+  result = run_documented(EVAL_MAIN_JOB, {"configs/shapes.py": "configs/tiny_test.py",
+                                          "/tmp/detr_shapes": workdir}, [data])
+  metrics = _printed_metrics(result.stdout)
+  saved = json.loads((tmp_path / "detr_tiny" / "eval_metrics.json").read_text())
+  assert metrics["AP"] == pytest.approx(saved["AP"], abs=1e-4)
+
+
+def test_backbone_init_from_torchvision_weights(tmp_path, data_dir):
+  """README: `--config.backbone_init=FILE` (torchvision ResNet weights, .pth)."""
+  torch.manual_seed(0)
+  resnet = torch_reference.TorchvisionResNet(torch_reference.BasicBlock, (2, 2, 2, 2))
+  torch_reference.randomize_frozen_batchnorm(resnet, torch.Generator().manual_seed(1))
+  weights = tmp_path / "resnet18.pth"
+  torch.save(resnet.state_dict(), weights)
+  workdir = str(tmp_path / "detr_tiny")
+  result = run_documented(TINY_JOB, {"/tmp/detr_tiny": workdir},
+                          [f"--config.dataset.data_dir={data_dir}",
+                           f"--config.backbone_init={weights}", "--config.eval_every_steps=-1"])
+  assert "Initialising the backbone from torchvision weights" in result.stderr
+  trained = _checkpoint_params(workdir)
+  conv1 = resnet.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
+  assert np.abs(trained["params/backbone/conv1/kernel"] - conv1).max() < 0.01
+  np.testing.assert_allclose(trained["batch_stats/backbone/layer2_0/bn1/mean"],
+                             resnet.layer2[0].bn1.running_mean.numpy(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("command", COCO_TRAINING)
+def test_coco_commands_ask_for_the_dataset(command, tmp_path):
+  """configs/detr_*_coco.py: without COCO prepared, the command says how to prepare it."""
+  workdir, data = str(tmp_path / "workdir"), str(tmp_path / "tensorflow_datasets")
+  if "gs://" in command:
+    replace = {"gs://BUCKET/detr_r50": workdir, "gs://BUCKET/tensorflow_datasets": data}
+    extra = ()
+  else:
+    replace, extra = {"DIR": workdir}, (f"--config.dataset.data_dir={data}",)
+  result = run_documented(command, replace, extra, expect_rc=None)
+  assert "tfds build coco/2017" in result.stderr
+  assert "DuplicateFlagError" not in result.stderr
+
+
+@pytest.mark.parametrize("command", BENCHMARKS)
+def test_benchmark_help_lists_its_documented_options(command):
+  options = re.findall(r"--\w+", command)
+  script = command.split(" --")[0]
+  result = run_documented(script, extra=["--help"])
+  for option in options:
+    assert option in result.stdout, f"{script} --help does not list {option}"
+
+
+def test_readme_python_example_runs(tmp_path):
+  """README "Using the model": the Python example, as written."""
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+  assert blocks, "the README shows a Python example"
+  for i, code in enumerate(blocks):
+    script = tmp_path / f"example_{i}.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
+                            text=True, env=_env(PYTHONPATH=str(REPO)), timeout=600, check=False)
+    assert result.returncode == 0, f"{code}\n--- stderr\n{result.stderr[-4000:]}"
+    # `print(...)  # what it prints`: the README's comment is what a reader expects to see.
+    expected = re.findall(r"^print\(.*?\)[ \t]+#[ \t]*(.+)$", code, re.M)
+    printed = result.stdout.strip().splitlines()
+    assert len(printed) == len(expected), (printed, expected)
+    for line, comment in zip(printed, expected):
+      assert line.strip() == comment.strip(), (line, comment)
+
+
+def test_library_modules_define_no_flags():
+  """Importing any detr_jax module other than the `main` entry point defines no absl flags.
+
+  A module that defined flags on import broke every entry point that imported it after defining
+  its own `--config` (DuplicateFlagError). Flags of other libraries (absl, TensorFlow, orbax)
+  are not counted.
+  """
+  code = (
+      "import importlib, pkgutil, detr_jax\n"
+      "from absl import flags\n"
+      "names = sorted(m.name for m in pkgutil.walk_packages(detr_jax.__path__, 'detr_jax.'))\n"
+      "for name in names:\n"
+      "  if name != 'detr_jax.main':\n"
+      "    importlib.import_module(name)\n"
+      "ours = {m: sorted(f.name for f in fs) for m, fs in flags.FLAGS.flags_by_module_dict().items()\n"
+      "        if m.startswith('detr_jax')}\n"
+      "print(len(names), ours)\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=_env(), timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  count, defined = result.stdout.strip().split(" ", 1)
+  assert int(count) > 10, result.stdout
+  assert defined == "{}", f"modules that define flags on import: {defined}"

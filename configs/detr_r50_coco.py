@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.aux_loss = True
   model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
   model.attention_implementation = None  # None (XLA) | "cudnn" (jax.nn.dot_product_attention)
+  # 1x1 convolutions: "auto" (a matmul on CPU, where XLA's 1x1 convolution gradients are slow;
+  # XLA's convolution elsewhere) | "xla" | "dot". Same parameters and values either way.
+  model.conv_implementation = "auto"
 
   # --- Matching and set loss (detr_jax.matching, detr_jax.losses) ---
   config.loss = loss = ml_collections.ConfigDict()

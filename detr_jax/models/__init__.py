@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from detr_jax.models import conv as conv_lib
 from detr_jax.models import resnet
 from detr_jax.models.detr import DETR
 from detr_jax.models.detr import DTYPES
@@ -65,6 +66,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"Unknown config.model.attention_implementation {implementation!r}; use one "
                      f"of {ATTENTION_IMPLEMENTATIONS}.")
+  conv_implementation = cfg.get("conv_implementation", "auto")
+  conv_lib.resolve_implementation(conv_implementation)  # ValueError naming the field
   _train_backbone_index(cfg)  # fail at build time, not when the optimizer is made
   return DETR(
       backbone=cfg.backbone,
@@ -81,6 +84,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       num_classes=cfg.num_classes,
       aux_loss=bool(cfg.get("aux_loss", True)),
       attention_implementation=implementation,
+      conv_implementation=conv_implementation,
       dtype=DTYPES[dtype_name])
 
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from detr_jax.models import conv as conv_lib
 from detr_jax.models import position_encoding
 from detr_jax.models import resnet
 from detr_jax.models import transformer as transformer_lib
@@ -73,6 +74,7 @@ class DETR(nn.Module):
   num_classes: int = 91
   aux_loss: bool = True
   attention_implementation: Optional[str] = None
+  conv_implementation: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -92,7 +94,8 @@ class DETR(nn.Module):
     """
     validate_inputs(images, pixel_mask)
     d_model = self.hidden_dim
-    features = resnet.ResNet(self.backbone, self.dilation, self.dtype, name="backbone")(images)
+    features = resnet.ResNet(self.backbone, self.dilation, self.dtype,
+                             self.conv_implementation, name="backbone")(images)
     batch, height, width, channels = features.shape
     mask = position_encoding.downsample_mask(pixel_mask, (height, width))  # [B, h, w]
 
@@ -107,7 +110,9 @@ class DETR(nn.Module):
 
     src = nn.Conv(d_model, (1, 1), kernel_init=transformer_lib.torch_kernel_init,
                   bias_init=transformer_lib.torch_bias_init(channels), dtype=self.dtype,
-                  param_dtype=jnp.float32, name="input_proj")(features)
+                  param_dtype=jnp.float32, name="input_proj",
+                  conv_general_dilated=conv_lib.conv_general_dilated(self.conv_implementation))(
+                      features)
     query_embed = nn.Embed(self.num_queries, d_model, embedding_init=nn.initializers.normal(1.0),
                            name="query_embed").embedding  # [Q, D]
     hidden = transformer_lib.Transformer(

@@ -6,11 +6,14 @@ this module tree (see `detr_jax.convert`). BatchNorm is torchvision's `FrozenBat
 DETR: its four tensors live in the "batch_stats" collection and are constants.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from detr_jax.models import conv as conv_lib
 
 # name -> (block type, blocks per stage)
 RESNET_ARCHS = {
@@ -64,13 +67,14 @@ class FrozenBatchNorm(nn.Module):
 
 
 def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str = "",
-          dtype: Any = jnp.float32) -> nn.Conv:
+          dtype: Any = jnp.float32, implementation: str = "auto") -> nn.Conv:
   # PyTorch padding (dilation * (k - 1) // 2 on each side), never "SAME": odd input sizes must give
   # torchvision's output shapes (SAME pads asymmetrically when the stride is 2).
   pad = dilation * (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad),) * 2,
                  kernel_dilation=(dilation, dilation), use_bias=False, kernel_init=_conv_init,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+                 dtype=dtype, param_dtype=jnp.float32, name=name,
+                 conv_general_dilated=conv_lib.conv_general_dilated(implementation))
 
 
 class BasicBlock(nn.Module):
@@ -80,16 +84,18 @@ class BasicBlock(nn.Module):
   dilation: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
+  conv_implementation: str = "auto"  # see detr_jax.models.conv
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     identity = x
-    y = _conv(self.width, 3, self.stride, self.dilation, "conv1", self.dtype)(x)
+    conv = functools.partial(_conv, dtype=self.dtype, implementation=self.conv_implementation)
+    y = conv(self.width, 3, self.stride, self.dilation, "conv1")(x)
     y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
-    y = _conv(self.width, 3, 1, self.dilation, "conv2", self.dtype)(y)
+    y = conv(self.width, 3, 1, self.dilation, "conv2")(y)
     y = FrozenBatchNorm(self.dtype, name="bn2")(y)
     if self.downsample:
-      identity = _conv(self.width, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
+      identity = conv(self.width, 1, self.stride, 1, "downsample_conv")(x)
       identity = FrozenBatchNorm(self.dtype, name="downsample_bn")(identity)
     return nn.relu(y + identity)
 
@@ -101,18 +107,20 @@ class Bottleneck(nn.Module):
   dilation: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
+  conv_implementation: str = "auto"  # see detr_jax.models.conv
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     identity = x
-    y = _conv(self.width, 1, name="conv1", dtype=self.dtype)(x)
+    conv = functools.partial(_conv, dtype=self.dtype, implementation=self.conv_implementation)
+    y = conv(self.width, 1, name="conv1")(x)
     y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
-    y = _conv(self.width, 3, self.stride, self.dilation, "conv2", self.dtype)(y)
+    y = conv(self.width, 3, self.stride, self.dilation, "conv2")(y)
     y = nn.relu(FrozenBatchNorm(self.dtype, name="bn2")(y))
-    y = _conv(self.width * 4, 1, name="conv3", dtype=self.dtype)(y)
+    y = conv(self.width * 4, 1, name="conv3")(y)
     y = FrozenBatchNorm(self.dtype, name="bn3")(y)
     if self.downsample:
-      identity = _conv(self.width * 4, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
+      identity = conv(self.width * 4, 1, self.stride, 1, "downsample_conv")(x)
       identity = FrozenBatchNorm(self.dtype, name="downsample_bn")(identity)
     return nn.relu(y + identity)
 
@@ -125,10 +133,12 @@ class ResNet(nn.Module):
     dilation: DC5; layer4 uses dilation 2 instead of stride 2, as torchvision's
       `replace_stride_with_dilation=[False, False, True]`.
     dtype: compute dtype.
+    conv_implementation: "auto" | "xla" | "dot", see `detr_jax.models.conv`.
   """
   arch: str = "resnet50"
   dilation: bool = False
   dtype: Any = jnp.float32
+  conv_implementation: str = "auto"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -144,6 +154,7 @@ class ResNet(nn.Module):
     x = images.astype(self.dtype)
     x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                 kernel_init=_conv_init, dtype=self.dtype, param_dtype=jnp.float32,
+                conv_general_dilated=conv_lib.conv_general_dilated(self.conv_implementation),
                 name="conv1")(x)
     x = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
@@ -165,6 +176,7 @@ class ResNet(nn.Module):
             dilation=previous_dilation if first else current_dilation,
             downsample=first and (stride != 1 or in_channels != width * expansion),
             dtype=self.dtype,
+            conv_implementation=self.conv_implementation,
             name=f"layer{stage + 1}_{j}")(x)
         in_channels = width * expansion
     return x

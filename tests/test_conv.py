@@ -1,0 +1,97 @@
+"""Tests of detr_jax.models.conv: 1x1 convolutions as matrix products, same values and gradients."""
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny_test
+from detr_jax.models import build_model
+from detr_jax.models import conv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _both(x, w, strides, padding):
+  """(reference, pointwise) forward values and gradients of a weighted sum of the output."""
+  def reference(x, w):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+
+  def pointwise(x, w):
+    return conv.pointwise_conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, DN))
+
+  results = []
+  for fn in (reference, pointwise):
+    out = fn(x, w)
+    cotangent = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+    grads = jax.grad(lambda x, w: jnp.sum(fn(x, w) * cotangent), (0, 1))(x, w)
+    results.append((out, *grads))
+  return results
+
+
+@pytest.mark.parametrize("shape,strides,padding", [
+    ((2, 9, 7, 16), (1, 1), ((0, 0), (0, 0))),
+    ((2, 9, 7, 16), (2, 2), ((0, 0), (0, 0))),  # odd sizes: output ceil(9/2) x ceil(7/2)
+    ((1, 8, 10, 16), (2, 1), "SAME"),
+    ((1, 8, 10, 16), (1, 1), "VALID"),
+])
+def test_pointwise_equals_xla_convolution(shape, strides, padding):
+  key_x, key_w = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(key_x, shape)
+  w = jax.random.normal(key_w, (1, 1, shape[-1], 24)) * 0.1
+  reference, pointwise = _both(x, w, strides, padding)
+  assert reference[0].shape == pointwise[0].shape
+  for name, r, p in zip(("forward", "input grad", "kernel grad"), reference, pointwise):
+    np.testing.assert_allclose(p, r, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_other_kernels_are_xla_convolutions_unchanged():
+  x = jax.random.normal(jax.random.key(1), (1, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(2), (3, 3, 4, 6))
+  reference, pointwise = _both(x, w, (2, 2), ((1, 1), (1, 1)))
+  for r, p in zip(reference, pointwise):
+    np.testing.assert_array_equal(p, r)
+  w1 = jax.random.normal(jax.random.key(3), (1, 1, 4, 6))  # 1x1 but padded: not a plain product
+  reference, pointwise = _both(x, w1, (1, 1), ((1, 1), (1, 1)))
+  for r, p in zip(reference, pointwise):
+    np.testing.assert_array_equal(p, r)
+
+
+def test_resolve_implementation():
+  assert conv.resolve_implementation("auto") == ("dot" if jax.default_backend() == "cpu"
+                                                  else "xla")
+  assert conv.conv_general_dilated("xla") is None
+  assert conv.conv_general_dilated("dot") is conv.pointwise_conv_general_dilated
+  with pytest.raises(ValueError, match="config.model.conv_implementation"):
+    conv.resolve_implementation("im2col")
+  model_config = tiny_test.get_config().model
+  model_config.conv_implementation = "fast"
+  with pytest.raises(ValueError, match="config.model.conv_implementation"):
+    build_model(model_config)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_detr_same_variables_and_outputs_with_either_implementation(backbone):
+  """The whole model (strided 1x1 downsampling convs, input_proj) under "xla" and "dot"."""
+  model_config = tiny_test.get_config().model
+  model_config.backbone = backbone
+  images = jax.random.normal(jax.random.key(4), (2, 72, 88, 3))
+  pixel_mask = jnp.ones((2, 72, 88), bool).at[1, 60:].set(False)
+  outputs, trees = [], []
+  for implementation in ("xla", "dot"):
+    model_config.conv_implementation = implementation
+    model = build_model(model_config)
+    variables = model.init(jax.random.key(5), images, pixel_mask, train=False)
+    trees.append(jax.tree.map(np.asarray, variables))
+    out = model.apply(variables, images, pixel_mask, train=False)
+    grads = jax.grad(lambda v: jnp.sum(model.apply(v, images, pixel_mask, train=False)[
+        "pred_boxes"]))(variables)
+    outputs.append((out["pred_logits"], out["pred_boxes"], grads["params"]))
+  # Same parameter tree and the same initial values: checkpoints are interchangeable.
+  jax.tree.map(np.testing.assert_array_equal, trees[0], trees[1])
+  np.testing.assert_allclose(outputs[1][0], outputs[0][0], atol=1e-5)
+  np.testing.assert_allclose(outputs[1][1], outputs[0][1], atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+               outputs[1][2], outputs[0][2])

@@ -58,6 +58,7 @@ BENCHMARKS = (
     "PYTHONPATH=. python experiments/bench_model.py --batch 2 --size 512 --iters 4",
     "PYTHONPATH=. python experiments/bench_matching.py",
     "PYTHONPATH=. python experiments/bench_input.py",
+    "PYTHONPATH=. python experiments/bench_train.py --batch 2 --size 512 --iters 5",
 )
 # Run by .ci/run, line for line (checked by test_ci_runs_the_readme_install_and_tests).
 CI_COMMANDS = (

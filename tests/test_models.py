@@ -247,7 +247,9 @@ def test_backbone_stride_and_channels(arch, dilation, stride):
 
 
 def test_dc5_layer4_uses_dilation():
-  module = resnet.ResNet("resnet50", dilation=True)
+  # XLA's convolutions, so that every conv of the architecture shows as a conv op (the "auto"
+  # implementation computes 1x1 convs as dots on CPU; tests/test_conv.py checks they agree).
+  module = resnet.ResNet("resnet50", dilation=True, conv_implementation="xla")
   images = jnp.zeros((1, 64, 64, 3))
   variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
   # torchvision keeps a 1x1 downsample (stride 1) in layer4_0 even without the stride.

@@ -144,11 +144,8 @@ def make_train_step(config, model, tx, labels, mesh, schedules):
   loss_config = config.loss
 
   def device_loss(params, batch_stats, batch, rng):
-    # Frozen parameters (official: the stem and layer1) are constants of the loss, so no backward
-    # pass is traced through the frozen stages at all; their gradients are zeros, which the
-    # optimizer ignores anyway.
-    params = jax.tree.map(lambda p, label: lax.stop_gradient(p) if label == models.FROZEN else p,
-                          params, labels)
+    # Frozen parameters are constants of the loss (the optimizer ignores their zero gradients).
+    params = models.stop_frozen_gradients(params, labels)
     outputs = model.apply({"params": params, "batch_stats": batch_stats},
                           batch["images"], batch["pixel_mask"], train=True,
                           rngs={"dropout": rng})

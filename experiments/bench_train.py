@@ -24,7 +24,6 @@ import statistics
 import time
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -112,8 +111,7 @@ class JaxSide:
     # Copies: the train step donates (deletes) the state it is given.
     params, batch_stats, opt_state = jax.tree.map(
         jnp.copy, (self.state.params, self.state.batch_stats, self.state.opt_state))
-    frozen = lambda p: jax.tree.map(  # noqa: E731
-        lambda x, label: lax.stop_gradient(x) if label == models.FROZEN else x, p, labels)
+    frozen = lambda p: models.stop_frozen_gradients(p, labels)  # noqa: E731
     images, pixel_mask = batch["images"], batch["pixel_mask"]
 
     def backbone_fwd(params):

@@ -96,6 +96,16 @@ def _train_backbone_index(model_config) -> int:
   return TRAIN_BACKBONE_FROM.index(value)
 
 
+def stop_frozen_gradients(params: Any, labels: Any) -> Any:
+  """`params` with `lax.stop_gradient` on every leaf that `labels` marks FROZEN.
+
+  Differentiating through the result traces no backward pass into the frozen stages (official:
+  the stem and layer1); their gradients are zeros.
+  """
+  return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == FROZEN else p,
+                      params, labels)
+
+
 def param_labels(params: Any, model_config: ml_collections.ConfigDict) -> Any:
   """Labels every parameter "frozen", "backbone" or "transformer" (for optax.multi_transform).
 

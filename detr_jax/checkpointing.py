@@ -162,3 +162,27 @@ def merge_pretrained(
     logging.warning("Shape mismatch: %s keep their fresh init (fine-tuning on another number "
                     "of classes).", reinitialised)
   return flax.traverse_util.unflatten_dict(merged, sep="/"), reinitialised
+
+
+def load_variables(path: str) -> dict[str, Any]:
+  """{"params", "batch_stats"} for inference from a training workdir, its checkpoints dir (the
+  latest step) or a directory written by `python -m detr_jax.convert`.
+
+  Raises:
+    ValueError: `path` is none of these.
+  """
+  ckpt_dir = find_checkpoint_dir(path)
+  if ckpt_dir is not None:
+    manager = create_checkpoint_manager(path, read_only=True, directory=ckpt_dir)
+    step = manager.latest_step()
+    logging.info("Loading training checkpoint of step %d in %s.", step, ckpt_dir)
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    get = restored.get if isinstance(restored, dict) else lambda k: getattr(restored, k)
+    return {"params": get("params"), "batch_stats": get("batch_stats")}
+  from detr_jax import convert  # pylint: disable=g-import-not-at-top
+  try:
+    return dict(convert.load_variables(path))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f"{path} is neither a training workdir/checkpoint dir nor a directory written by "
+        f"`python -m detr_jax.convert`: {e}") from e

@@ -1,9 +1,8 @@
 r"""Evaluation: DETR post-processing and COCO box AP with pycocotools.
 
-Post-processing is the official one (`models/detr.py`, `PostProcess.forward`, in
-facebookresearch/detr at commit 29901c5): softmax over the classes, drop the "no object" column,
-score = max probability, label = its argmax, boxes cxcywh -> xyxy scaled by the original image
-size; no threshold, no NMS, every query is a detection.
+Post-processing is the official one (`detr_jax.inference.postprocess`, from `models/detr.py`,
+`PostProcess.forward`, in facebookresearch/detr): no threshold, no NMS, every query is a
+detection.
 
 The COCO ground truth is built from the eval batches' `gt_*` fields (all annotations, crowd
 included, in original pixels), so any dataset of the input pipeline is scored the same way.
@@ -15,54 +14,26 @@ Command (a training workdir, its checkpoints dir, or a `python -m detr_jax.conve
 import contextlib
 import io
 import json
-from typing import Any, Callable, Iterator
+import sys
+from typing import Any, Iterator
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from pycocotools import coco
 from pycocotools import cocoeval
 
-from detr_jax import losses
+from detr_jax import inference
+from detr_jax import parallel
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _GT_KEYS = ("image_id", "orig_size", "example_valid", "gt_boxes", "gt_labels", "gt_is_crowd",
             "gt_area", "gt_valid")
 
 
-def postprocess(pred_logits, pred_boxes, orig_size, activation: str = "softmax"):
-  """Turns raw DETR outputs into scored detections (official PostProcess).
-
-  Works on numpy or jax arrays.
-
-  Args:
-    pred_logits: [batch, queries, num_classes + 1]; the last class is "no object".
-    pred_boxes: [batch, queries, 4] cxcywh in [0, 1] of the unpadded image.
-    orig_size: [batch, 2] (height, width) of the original images.
-    activation: "softmax" (official) or "sigmoid" (models trained with a sigmoid label loss,
-      e.g. sigmoid_focal: independent scores of the real classes). See `losses.LabelLoss`.
-
-  Returns:
-    (scores [batch, queries], labels [batch, queries] int32, boxes [batch, queries, 4] xyxy in
-    original pixels).
-  """
-  pred_logits = jnp.asarray(pred_logits, jnp.float32)
-  if activation == "softmax":
-    prob = jax.nn.softmax(pred_logits, axis=-1)[..., :-1]
-  elif activation == "sigmoid":
-    prob = jax.nn.sigmoid(pred_logits[..., :-1])
-  else:
-    raise ValueError(f"Unknown activation {activation!r}; use 'softmax' or 'sigmoid'.")
-  scores = prob.max(axis=-1)
-  labels = prob.argmax(axis=-1).astype(jnp.int32)
-  cx, cy, w, h = jnp.moveaxis(jnp.asarray(pred_boxes, jnp.float32), -1, 0)
-  xyxy = jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
-  height, width = jnp.moveaxis(jnp.asarray(orig_size, jnp.float32), -1, 0)
-  scale = jnp.stack([width, height, width, height], axis=-1)[:, None, :]
-  return scores, labels, xyxy * scale
+postprocess = inference.postprocess  # re-exported; lives in detr_jax.inference
 
 
 class CocoEvaluator:
@@ -112,13 +83,30 @@ class CocoEvaluator:
           np.full_like(x0, image_id), x0, y0, x1 - x0, y1 - y0,
           np.asarray(scores[i], np.float64), np.asarray(labels[i], np.float64)], axis=-1))
 
+  def ground_truth(self) -> dict[str, list]:
+    """The COCO-format ground truth gathered so far ({"images", "annotations", "categories"})."""
+    return {"images": self._images, "annotations": self._annotations,
+            "categories": self._categories}
+
+  def detections(self) -> list[dict[str, Any]]:
+    """The detections in the COCO results format, exactly what `compute` scores.
+
+    One entry per query and image: {"image_id", "category_id", "bbox": [x, y, w, h] in original
+    pixels, "score"}, the format of a COCO test-dev submission.
+    """
+    if not self._detections:
+      return []
+    rows = np.concatenate(self._detections, axis=0)
+    return [{"image_id": int(r[0]), "category_id": int(r[6]),
+             "bbox": [float(r[1]), float(r[2]), float(r[3]), float(r[4])], "score": float(r[5])}
+            for r in rows]
+
   def compute(self) -> dict[str, float]:
     """Returns {AP, AP50, AP75, APs, APm, APl} (fractions in [0, 1]) from pycocotools."""
     if not self._images:
       raise ValueError("No valid evaluation images were added.")
     ground_truth = coco.COCO()
-    ground_truth.dataset = {"images": self._images, "annotations": self._annotations,
-                            "categories": self._categories}
+    ground_truth.dataset = self.ground_truth()
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
       ground_truth.createIndex()
@@ -136,49 +124,29 @@ class CocoEvaluator:
     return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
 
 
-def make_predict_fn(model, mesh, activation: str = "softmax") -> Callable[..., Any]:
-  """Returns a jitted fn(variables, images, pixel_mask, orig_size) -> (scores, labels, boxes).
-
-  Inputs and outputs are sharded on the mesh axis "data", variables replicated; `activation` as
-  in `postprocess`.
-  """
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-
-  def predict(variables, images, pixel_mask, orig_size):
-    outputs = model.apply(variables, images, pixel_mask, train=False)
-    return postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_size, activation)
-
-  return jax.jit(predict, in_shardings=(replicated, data, data, data),
-                 out_shardings=(data, data, data))
-
-
-def _to_host(x, mesh) -> np.ndarray:
-  # This process's rows of a batch-sharded global array.
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P("data")))
+make_predict_fn = inference.make_predict_fn  # re-exported
 
 
 def predict_batches(config, model, variables, mesh) -> Iterator[tuple[dict, tuple]]:
   """Yields (local numpy eval batch, (scores, labels, boxes) of its rows) over the eval split."""
   from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  activation = losses.get_label_loss(config.loss.get("label_loss", "softmax_ce")).activation
-  predict = make_predict_fn(model, mesh, activation)
+  predict = inference.make_predict_fn(model, mesh, inference.label_activation(config))
   for local in input_pipeline.create_eval_iterator(config):
     inputs = input_pipeline.make_global_batch(
         {"images": local["images"], "pixel_mask": local["pixel_mask"],
          "orig_size": np.asarray(local["orig_size"], np.int32)}, mesh)
     outs = predict(variables, inputs["images"], inputs["pixel_mask"], inputs["orig_size"])
-    yield local, tuple(_to_host(o, mesh) for o in outs)
+    yield local, tuple(parallel.to_host(o, mesh) for o in outs)
 
 
-def evaluate_coco(config, model, variables, mesh, class_names: dict[int, str]) -> dict[str, float]:
+def evaluate_coco(config, model, variables, mesh, class_names: dict[int, str],
+                  output_dir: str | None = None) -> dict[str, float]:
   """Runs the model over the eval split of every process and returns COCO box AP metrics.
 
   Every process gathers all predictions (they are small: queries x 6 numbers per image) and
-  computes the same metrics, so any process may log them.
+  computes the same metrics, so any process may log them. With `output_dir`, the first process
+  writes there `metrics.json` and `detections.json` (the COCO results format, exactly the
+  detections scored: every query of every image, no threshold).
   """
   evaluator = CocoEvaluator(class_names)
   for local, (scores, labels, boxes) in predict_batches(config, model, variables, mesh):
@@ -190,51 +158,58 @@ def evaluate_coco(config, model, variables, mesh, class_names: dict[int, str]) -
   metrics = evaluator.compute()
   logging.info("Evaluated %d images: %s", evaluator.num_images,
                json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+  if output_dir and jax.process_index() == 0:
+    write_results(output_dir, metrics, evaluator.detections())
   return metrics
 
 
+def write_results(output_dir: str, metrics: dict[str, float], detections: list[dict]) -> None:
+  """Writes `metrics.json` and `detections.json` (COCO results format) into `output_dir`."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  out = epath.Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+  (out / "detections.json").write_text(json.dumps(detections))
+  logging.info("Wrote %d detections and the metrics to %s.", len(detections), out)
+
+
 def load_variables_for_eval(path: str) -> dict[str, Any]:
-  """Loads {"params", "batch_stats"} from a training workdir / checkpoints dir (latest step) or a
-  directory written by `python -m detr_jax.convert`."""
+  """`checkpointing.load_variables`: {"params", "batch_stats"} of a workdir or converted dir."""
   from detr_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  ckpt_dir = checkpointing.find_checkpoint_dir(path)
-  if ckpt_dir is not None:
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    manager = checkpointing.create_checkpoint_manager(path, read_only=True, directory=ckpt_dir)
-    step = manager.latest_step()
-    logging.info("Evaluating training checkpoint of step %d in %s.", step, ckpt_dir)
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
-    get = restored.get if isinstance(restored, dict) else lambda k: getattr(restored, k)
-    return {"params": get("params"), "batch_stats": get("batch_stats")}
-  from detr_jax import convert  # pylint: disable=g-import-not-at-top
-  try:
-    return dict(convert.load_variables(path))
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(
-        f"{path} is neither a training workdir/checkpoint dir nor a directory written by "
-        f"`python -m detr_jax.convert`: {e}") from e
+  return checkpointing.load_variables(path)
 
 
-def run(config: ml_collections.ConfigDict, checkpoint: str) -> dict[str, float]:
-  """Evaluates the weights in `checkpoint` on `config`'s eval split; returns the metrics."""
+def run(config: ml_collections.ConfigDict, checkpoint: str,
+        output_dir: str | None = None) -> dict[str, float]:
+  """Evaluates the weights in `checkpoint` on `config`'s eval split; returns the metrics.
+
+  With `output_dir`, also writes `metrics.json` and `detections.json` there (`evaluate_coco`).
+  """
   from detr_jax import models  # pylint: disable=g-import-not-at-top
-  from detr_jax import train  # pylint: disable=g-import-not-at-top
   from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   info = input_pipeline.dataset_info(config.dataset)
-  config = train.resolve_config(config, info)
-  mesh = train.create_mesh()
+  config = input_pipeline.resolve_config(config, info)
+  mesh = parallel.create_mesh()
   model = models.build_model(config.model)
   variables = load_variables_for_eval(checkpoint)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put(variables, replicated)
-  return evaluate_coco(config, model, variables, mesh, info.class_names)
+  return evaluate_coco(config, model, variables, mesh, info.class_names, output_dir)
+
+
+def default_output_dir(checkpoint: str) -> str:
+  """Where `python -m detr_jax.evaluate` writes its results by default: CHECKPOINT/eval."""
+  return str(checkpoint).rstrip("/") + "/eval"
 
 
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  metrics = run(flags.FLAGS.config, flags.FLAGS.checkpoint)
+  output_dir = flags.FLAGS.output_dir or default_output_dir(flags.FLAGS.checkpoint)
+  metrics = run(flags.FLAGS.config, flags.FLAGS.checkpoint, output_dir)
   print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
+  print(f"Detections (COCO results format) and metrics written to {output_dir}/detections.json "
+        "and metrics.json", file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -245,5 +220,7 @@ if __name__ == "__main__":
                                   lock_config=False)
   flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints dir, or a "
                       "converted checkpoint dir.")
+  flags.DEFINE_string("output_dir", "", "Where to write metrics.json and detections.json "
+                      "(default: CHECKPOINT/eval).")
   flags.mark_flags_as_required(["config", "checkpoint"])
   app.run(main)

@@ -30,6 +30,7 @@ from detr_jax import evaluate
 from detr_jax import losses
 from detr_jax import models
 from detr_jax import optimizer as optimizer_lib
+from detr_jax import parallel
 
 TRAIN_KEYS = ("images", "pixel_mask", "labels", "boxes", "valid")
 
@@ -44,25 +45,9 @@ class TrainState:
 
 
 def resolve_config(config: ml_collections.ConfigDict, info) -> ml_collections.ConfigDict:
-  """Returns a copy of `config` with dataset-dependent fields filled and checked.
-
-  `model.num_classes <= 0` takes the dataset's `num_classes`; `steps_per_epoch <= 0` is computed
-  from the number of training examples.
-
-  Raises:
-    ValueError: when the model has fewer classes than the dataset's labels need.
-  """
-  config = ml_collections.ConfigDict(config.to_dict())
-  if config.model.num_classes <= 0:
-    config.model.num_classes = int(info.num_classes)
-  elif config.model.num_classes < info.num_classes:
-    raise ValueError(
-        f"config.model.num_classes={config.model.num_classes} but the dataset's labels go up to "
-        f"{info.num_classes - 1}; set --config.model.num_classes={info.num_classes} (or -1 to "
-        "take it from the dataset).")
-  if config.get("steps_per_epoch", -1) <= 0:
-    config.steps_per_epoch = max(int(info.num_train_examples) // config.batch_size, 1)
-  return config
+  """`input_pipeline.resolve_config`: the config's dataset-dependent fields filled and checked."""
+  from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.resolve_config(config, info)
 
 
 def total_train_steps(config: ml_collections.ConfigDict) -> int:
@@ -71,23 +56,9 @@ def total_train_steps(config: ml_collections.ConfigDict) -> int:
   return int(config.num_epochs * config.steps_per_epoch)
 
 
-# ------------------------------------------------------------------ mesh
-def create_mesh(devices=None) -> jax.sharding.Mesh:
-  """1-D mesh "data" over `devices` (default: every device of every host).
-
-  Auto axis types: the model code is written for replicated-or-batch shardings chosen by jit,
-  not for explicit sharding in types.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), ("data",), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def check_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
-  n = mesh.devices.size
-  for name in ("batch_size", "eval_batch_size"):
-    if config[name] % n:
-      raise ValueError(f"config.{name}={config[name]} must be a multiple of the {n} devices.")
+# Re-exported: the mesh helpers live in detr_jax.parallel.
+create_mesh = parallel.create_mesh
+check_batch_sizes = parallel.check_batch_sizes
 
 
 # ------------------------------------------------------------------ model and optimizer

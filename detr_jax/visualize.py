@@ -49,13 +49,21 @@ def draw_predictions(image: np.ndarray, pixel_mask: np.ndarray, orig_size, score
     for x, y, w, h in np.asarray(gt_boxes, np.float64):
       x0, y0, x1, y1 = np.array([x, y, x + w, y + h]) * scale
       draw.rectangle([x0, y0, x1, y1], outline="white", width=1)
-  for score, label, box in sorted(zip(scores, labels, boxes), key=lambda t: t[0]):
-    if score < threshold:
-      continue
+  keep = [i for i, score in enumerate(scores) if score >= threshold]
+  draw_boxes(picture, np.asarray(boxes, np.float64)[keep] * scale,
+             np.asarray(scores)[keep], np.asarray(labels)[keep],
+             [class_names.get(int(labels[i]), str(labels[i])) for i in keep])
+  return picture
+
+
+def draw_boxes(picture: Image.Image, boxes, scores, labels, names) -> Image.Image:
+  """Draws xyxy `boxes` (in the picture's pixels) with "name score" captions, best on top."""
+  draw = ImageDraw.Draw(picture)
+  for score, label, box, name in sorted(zip(scores, labels, boxes, names), key=lambda t: t[0]):
     color = _COLORS[int(label) % len(_COLORS)]
-    x0, y0, x1, y1 = np.asarray(box, np.float64) * scale
+    x0, y0, x1, y1 = (float(v) for v in box)
     draw.rectangle([x0, y0, x1, y1], outline=color, width=2)
-    caption = f"{class_names.get(int(label), label)} {score:.2f}"
+    caption = f"{name} {float(score):.2f}"
     # A filled label background keeps the caption readable on any object colour.
     draw.rectangle(draw.textbbox((x0 + 2, y0 + 1), caption), fill=color)
     draw.text((x0 + 2, y0 + 1), caption, fill="white")

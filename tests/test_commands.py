@@ -12,6 +12,7 @@ joins this file when it joins the README.
 """
 
 import ast
+import importlib.util
 import json
 import os
 import pathlib
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from configs import shapes
 from configs import tiny_test
 from detr_jax import convert
 import torch_reference
@@ -38,6 +40,8 @@ MAIN_JOB = "python -m detr_jax.main --config configs/shapes.py --workdir /tmp/de
 EVAL_MAIN_JOB = ("python -m detr_jax.evaluate --config configs/shapes.py "
                  "--checkpoint /tmp/detr_shapes")
 TENSORBOARD = "tensorboard --logdir WORKDIR"
+PREDICT = ("python -m detr_jax.predict --config configs/shapes.py --checkpoint /tmp/detr_shapes "
+           '--images photo.jpg photos/ "more/*.png" --output /tmp/predictions --attention')
 TINY_JOB = "python -m detr_jax.main --config configs/tiny_test.py --workdir /tmp/detr_tiny"
 CONVERT_PTH = ("python -m detr_jax.convert --input detr-r50-e632da11.pth "
                "--config configs/detr_r50_coco.py --output /tmp/detr_r50")
@@ -60,24 +64,30 @@ BENCHMARKS = (
     "PYTHONPATH=. python experiments/bench_input.py",
     "PYTHONPATH=. python experiments/bench_train.py --batch 2 --size 512 --iters 5",
 )
+TPU_PLAN = (
+    "python -m detr_jax.tpu_plan --config configs/detr_r50_coco.py --topology v5e:8x8 "
+    "--topology v4:2x2x4 --topology v5p:2x2x4 --buckets largest",
+    "python -m detr_jax.tpu_plan --config configs/detr_r50_coco.py --config.model.dtype=bfloat16 "
+    "--topology v5e:8x8 --topology v4:2x2x4 --topology v5p:2x2x4 --buckets largest",
+)
+CI_INSTALL = 'pip install -e ".[convert,test,tpu]"'
 # Run by .ci/run, line for line (checked by test_ci_runs_the_readme_install_and_tests).
 CI_COMMANDS = (
     "python3 -m venv .venv && source .venv/bin/activate",
     "pip install torch==2.13.0",
-    'pip install -e ".[convert,test]"',
+    CI_INSTALL,
     "pytest -q tests",
 )
 NOT_RUN = {
-    'pip install -e ".[convert]"': "a subset of the CI install, pip install -e \".[convert,test]\"",
-    "pip install -e .": "a subset of the CI install, pip install -e \".[convert,test]\"",
+    'pip install -e ".[convert]"': f"a subset of the CI install, {CI_INSTALL}",
+    "pip install -e .": f"a subset of the CI install, {CI_INSTALL}",
     "pytest tests/test_convert.py tests/test_models.py": "part of the CI run, pytest -q tests",
-    'pip install -U "jax[tpu]"': "installs JAX for Cloud TPU VMs, which this machine is not",
     'pip install -U "jax[cuda12]"': "installs JAX for NVIDIA GPUs, which this machine lacks",
     "tfds build coco/2017 --data_dir DIR": "downloads COCO, which cannot be reached here; the "
                                            "COCO commands are checked to ask for it",
 }
-RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
-       EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS}
+RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
+       EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN}
 
 
 def _command_lines(text: str):
@@ -195,10 +205,56 @@ def test_main_job_evaluate_and_tensorboard(tmp_path, data_dir):
   metrics = _printed_metrics(result.stdout)
   for name, value in metrics.items():  # the same weights and images: the same AP
     assert value == pytest.approx(trained[name], abs=1e-4), name
+  # It keeps what it scored: WORKDIR/eval/detections.json (COCO results format), metrics.json.
+  out = tmp_path / "detr_shapes" / "eval"
+  assert f"{out}/detections.json" in result.stderr
+  detections = json.loads((out / "detections.json").read_text())
+  # Every query of each of the 8 eval images.
+  assert len({d["image_id"] for d in detections}) == 8
+  assert len(detections) == 8 * shapes.get_config().model.num_queries
+  saved = json.loads((out / "metrics.json").read_text())
+  assert {k: round(v, 4) for k, v in saved.items()} == metrics
+
+  _predict_on_files(tmp_path, workdir, data)
 
   result = run_documented(TENSORBOARD, {"WORKDIR": workdir}, ["--inspect"])
   for tag in ("train/loss", "eval/AP", "train/lr_transformer"):
     assert tag in result.stdout
+
+
+def _predict_on_files(tmp_path, workdir, data):
+  """README "Predicting on your own images", on the trained workdir: a file, a folder, a glob."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  photos, more = tmp_path / "pics", tmp_path / "other"
+  photos.mkdir()
+  more.mkdir()
+  Image.fromarray(rng.integers(0, 256, (90, 120, 3), np.uint8)).save(tmp_path / "photo.jpg")
+  Image.fromarray(rng.integers(0, 256, (128, 128), np.uint8)).save(photos / "gray.png")
+  (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+  Image.fromarray(rng.integers(0, 256, (60, 200, 4), np.uint8), "RGBA").save(more / "a.png")
+  out = tmp_path / "predictions"
+  replace = {"/tmp/detr_shapes": workdir, "photo.jpg": str(tmp_path / "photo.jpg"),
+             "photos/": f"{photos}/", "more/*.png": f"{more}/*.png", "/tmp/predictions": str(out)}
+  result = run_documented(PREDICT, replace, [data, "--threshold=0.0"])
+  assert f"Skipped {photos}/broken.jpg: not a readable image" in result.stderr
+  assert "Predicted 3 images" in result.stdout
+  summary = json.loads((out / "predictions.json").read_text())
+  assert [os.path.basename(i["file"]) for i in summary["images"]] == ["photo.jpg", "gray.png",
+                                                                       "a.png"]
+  assert [(i["width"], i["height"]) for i in summary["images"]] == [(120, 90), (128, 128),
+                                                                    (200, 60)]
+  num_queries = shapes.get_config().model.num_queries
+  assert all(len(i["detections"]) == num_queries for i in summary["images"])  # threshold 0
+  assert len(json.loads((out / "detections_coco.json").read_text())) == 3 * num_queries
+  for stem in ("photo", "gray", "a"):
+    assert (out / f"{stem}.png").is_file() and (out / f"{stem}_attention.png").is_file()
+  # Nothing readable: a clear error and a non-zero exit.
+  result = run_documented(PREDICT, {**replace, "photo.jpg": f"{photos}/broken.jpg",
+                                    "photos/": f"{tmp_path}/nowhere/",
+                                    "more/*.png": f"{tmp_path}/nowhere/*.png"}, [data],
+                          expect_rc=1)
+  assert "No readable image" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +392,28 @@ def test_benchmark_help_lists_its_documented_options(command):
   result = run_documented(script, extra=["--help"])
   for option in options:
     assert option in result.stdout, f"{script} --help does not list {option}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e \".[tpu]\")")
+@pytest.mark.parametrize("command,topologies", [
+    (TPU_PLAN[0], ("v5p:2x2x1",)), (TPU_PLAN[1], ("v5e:2x2", "v4:2x2x1"))])
+def test_tpu_plan_commands(command, topologies):
+  """README "Planning a TPU pod run": the R50 commands, on the tiny config and small slices.
+
+  Every generation's path is taken (v5e; v4 and v5p as one device per chip, "megacore").
+  """
+  slices = "--topology v5e:8x8 --topology v4:2x2x4 --topology v5p:2x2x4"
+  replace = {"configs/detr_r50_coco.py": "configs/tiny_test.py",
+             slices: " ".join(f"--topology {t}" for t in topologies)}
+  result = run_documented(command, replace)
+  for topology in topologies:
+    assert f"{topology}: 4 {topology.split(':')[0]} chips" in result.stdout, result.stdout
+  assert result.stdout.count("| train | 64x64 | 2 |") == len(topologies), result.stdout
+  assert result.stdout.count("| eval | 64x64 | 2 |") == len(topologies), result.stdout
+  assert result.stdout.count("Everything fits.") == len(topologies), result.stdout
+  dtype = "bfloat16" if "bfloat16" in command else "float32"
+  assert f"model.dtype={dtype}" in result.stdout
 
 
 def test_readme_python_example_runs(tmp_path):

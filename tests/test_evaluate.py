@@ -1,5 +1,7 @@
 """Tests of detr_jax.evaluate: post-processing and COCO AP through pycocotools."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,39 @@ def test_filler_rows_and_missing_fields():
     evaluator.add_batch(batch, *_gt_as_detections(batch))
   with pytest.raises(ValueError, match="No valid evaluation images"):
     evaluate.CocoEvaluator(CLASS_NAMES).compute()
+
+
+def test_detections_are_what_was_scored_in_the_coco_results_format(tmp_path):
+  """`detections()` rescored by pycocotools independently gives the same metrics."""
+  rng = np.random.default_rng(4)
+  batch = _eval_batch(rng, [1, 2, 3, 4], [4, 2, 3, 1])
+  scores, labels, boxes = _gt_as_detections(batch)
+  boxes = boxes + rng.normal(0, 1.5, boxes.shape).astype(np.float32)  # imperfect: AP < 1
+  evaluator = evaluate.CocoEvaluator(CLASS_NAMES)
+  evaluator.add_batch(batch, scores, labels, boxes)
+  metrics = evaluator.compute()
+  assert 0 < metrics["AP"] < 1
+  evaluate.write_results(str(tmp_path / "out"), metrics, evaluator.detections())
+  detections = json.loads((tmp_path / "out" / "detections.json").read_text())
+  assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
+  assert len(detections) == 4 * 8  # every query of every image
+  assert set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
+  # Box 0 of image 1 in xywh, as given (xyxy) to add_batch.
+  first = detections[0]
+  x0, y0, x1, y1 = boxes[0, 0]
+  assert first["image_id"] == 1 and first["category_id"] == labels[0, 0]
+  np.testing.assert_allclose(first["bbox"], [x0, y0, x1 - x0, y1 - y0], rtol=1e-6)
+  assert metrics == rescore(evaluator.ground_truth(), detections)
+
+
+def rescore(ground_truth: dict, detections: list) -> dict[str, float]:
+  """COCO box AP of a results list, straight from pycocotools."""
+  from pycocotools import coco, cocoeval  # pylint: disable=g-import-not-at-top
+  gt = coco.COCO()
+  gt.dataset = ground_truth
+  gt.createIndex()
+  scored = cocoeval.COCOeval(gt, gt.loadRes(detections), iouType="bbox")
+  scored.evaluate()
+  scored.accumulate()
+  scored.summarize()
+  return dict(zip(evaluate.METRIC_NAMES, map(float, scored.stats[:6])))

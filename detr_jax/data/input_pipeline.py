@@ -34,6 +34,7 @@ from typing import Any, Iterator, NamedTuple
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -60,6 +61,28 @@ def dataset_info(ds_config) -> DatasetInfo:
   sizes = [splits[s].num_examples if s in splits else 0  # a folder without eval files
            for s in (source.train_split, source.eval_split)]
   return DatasetInfo(source.num_classes, dict(source.class_names), *sizes)
+
+
+def resolve_config(config: ml_collections.ConfigDict, info) -> ml_collections.ConfigDict:
+  """Returns a copy of `config` with dataset-dependent fields filled and checked.
+
+  `model.num_classes <= 0` takes the dataset's `num_classes`; `steps_per_epoch <= 0` is computed
+  from the number of training examples.
+
+  Raises:
+    ValueError: when the model has fewer classes than the dataset's labels need.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.num_classes <= 0:
+    config.model.num_classes = int(info.num_classes)
+  elif config.model.num_classes < info.num_classes:
+    raise ValueError(
+        f"config.model.num_classes={config.model.num_classes} but the dataset's labels go up to "
+        f"{info.num_classes - 1}; set --config.model.num_classes={info.num_classes} (or -1 to "
+        "take it from the dataset).")
+  if config.get("steps_per_epoch", -1) <= 0:
+    config.steps_per_epoch = max(int(info.num_train_examples) // config.batch_size, 1)
+  return config
 
 
 def _process(process_index, process_count):
@@ -378,5 +401,5 @@ def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> Any:
   Returns:
     The same tree of jax.Arrays with global batch = local batch * process count.
   """
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+  from detr_jax import parallel  # pylint: disable=g-import-not-at-top
+  return parallel.global_batch(local_batch, mesh)

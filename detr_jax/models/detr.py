@@ -78,8 +78,8 @@ class DETR(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, pixel_mask: jax.Array,
-               train: bool = False) -> dict[str, Any]:
+  def __call__(self, images: jax.Array, pixel_mask: jax.Array, train: bool = False,
+               capture_attention: bool = False) -> dict[str, Any]:
     """Detects objects.
 
     Args:
@@ -90,7 +90,10 @@ class DETR(nn.Module):
     Returns:
       dict with pred_logits float32 [B, Q, num_classes + 1], pred_boxes float32 [B, Q, 4]
       (cxcywh in [0, 1] of the unpadded image) and aux_outputs (list of dec_layers - 1 such dicts,
-      layers 0..L-2; empty without aux_loss).
+      layers 0..L-2; empty without aux_loss). With `capture_attention`, also "attention": the
+      last decoder layer's cross-attention weights, mean over heads, float32 [B, Q, h, w] on the
+      backbone's feature grid (h, w), and "feature_mask" bool [B, h, w] (True on cells of the
+      unpadded image); computed only when asked.
     """
     validate_inputs(images, pixel_mask)
     d_model = self.hidden_dim
@@ -124,7 +127,10 @@ class DETR(nn.Module):
             mask.reshape(batch, height * width),
             pos.reshape(batch, height * width, d_model).astype(self.dtype),
             query_embed,
-            train)  # [L, B, Q, D]
+            train,
+            capture_attention)  # [L, B, Q, D]
+    if capture_attention:
+      hidden, attention = hidden
 
     logits = nn.Dense(self.num_classes + 1, kernel_init=transformer_lib.torch_kernel_init,
                       bias_init=transformer_lib.torch_bias_init(d_model), dtype=self.dtype,
@@ -134,4 +140,8 @@ class DETR(nn.Module):
     boxes = jax.nn.sigmoid(boxes.astype(jnp.float32))
     aux = ([{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(self.dec_layers - 1)]
            if self.aux_loss else [])
-    return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
+    outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
+    if capture_attention:
+      outputs["attention"] = attention.reshape(batch, self.num_queries, height, width)
+      outputs["feature_mask"] = mask
+    return outputs

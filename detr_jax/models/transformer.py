@@ -59,11 +59,12 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array,
-               key_mask: Optional[jax.Array], train: bool) -> jax.Array:
+               key_mask: Optional[jax.Array], train: bool, return_weights: bool = False):
     """Attends `query` [B, T, D] over `key`/`value` [B, S, D]; key_mask bool [B, S] (True: valid).
 
     Returns:
-      [B, T, D].
+      [B, T, D]; with `return_weights`, also the attention weights averaged over the heads,
+      float32 [B, T, S] (computed explicitly, so only when asked).
     """
     d_model = query.shape[-1]
     head_dim = d_model // self.num_heads
@@ -78,22 +79,28 @@ class MultiHeadAttention(nn.Module):
     v = project(value, "value", _fused_in_proj_init)
     mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
 
-    if train and self.dropout_rate > 0.0:
-      # Attention dropout needs the weights themselves, which dot_product_attention hides.
+    mean_weights = None
+    if (train and self.dropout_rate > 0.0) or return_weights:
+      # Attention dropout and the returned weights need the weights themselves, which
+      # dot_product_attention hides.
       logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
       logits = logits / math.sqrt(head_dim)
       if mask is not None:
         logits = jnp.where(mask, logits, _large_negative(jnp.float32))
-      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      weights = nn.Dropout(self.dropout_rate, deterministic=False)(weights)
+      probs = jax.nn.softmax(logits, axis=-1)
+      mean_weights = probs.mean(axis=1)  # [B, T, S]
+      weights = probs.astype(self.dtype)
+      if train and self.dropout_rate > 0.0:
+        weights = nn.Dropout(self.dropout_rate, deterministic=False)(weights)
       out = jnp.einsum("bnts,bsnh->btnh", weights, v)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask,
                                          implementation=self.attention_implementation)
     out = out.reshape(*out.shape[:-2], d_model)
-    return nn.Dense(d_model, kernel_init=nn.initializers.xavier_uniform(),
-                    bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=jnp.float32,
-                    name="out")(out)
+    out = nn.Dense(d_model, kernel_init=nn.initializers.xavier_uniform(),
+                   bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=jnp.float32,
+                   name="out")(out)
+    return (out, mean_weights) if return_weights else out
 
 
 class _LayerBase(nn.Module):
@@ -149,28 +156,39 @@ class DecoderLayer(_LayerBase):
   """Official `TransformerDecoderLayer` (post-norm, or pre-norm with `pre_norm`)."""
 
   @nn.compact
-  def __call__(self, tgt, memory, memory_mask, pos, query_pos, train):
+  def __call__(self, tgt, memory, memory_mask, pos, query_pos, train, capture_attention=False):
     """tgt, query_pos [B, Q, D]; memory, pos [B, S, D]; memory_mask bool [B, S].
 
     Returns:
-      [B, Q, D].
+      [B, Q, D]; with `capture_attention`, also the cross-attention weights (mean over heads,
+      float32 [B, Q, S]).
     """
     norm1, norm2, norm3 = self._norm("norm1"), self._norm("norm2"), self._norm("norm3")
     self_attn, cross_attn = self._attention("self_attn"), self._attention("cross_attn")
     memory_key = memory + pos
+    weights = None
+
+    def attend_memory(query):
+      nonlocal weights
+      out = cross_attn(query, memory_key, memory, memory_mask, train,
+                       return_weights=capture_attention)
+      if capture_attention:
+        out, weights = out
+      return out
+
     if self.pre_norm:
       tgt2 = norm1(tgt)
       q = tgt2 + query_pos
       tgt = tgt + self._dropout(self_attn(q, q, tgt2, None, train), train)
       tgt2 = norm2(tgt)
-      tgt = tgt + self._dropout(
-          cross_attn(tgt2 + query_pos, memory_key, memory, memory_mask, train), train)
-      return tgt + self._dropout(self._ffn(norm3(tgt), train), train)
-    q = tgt + query_pos
-    tgt = norm1(tgt + self._dropout(self_attn(q, q, tgt, None, train), train))
-    tgt = norm2(tgt + self._dropout(
-        cross_attn(tgt + query_pos, memory_key, memory, memory_mask, train), train))
-    return norm3(tgt + self._dropout(self._ffn(tgt, train), train))
+      tgt = tgt + self._dropout(attend_memory(tgt2 + query_pos), train)
+      tgt = tgt + self._dropout(self._ffn(norm3(tgt), train), train)
+    else:
+      q = tgt + query_pos
+      tgt = norm1(tgt + self._dropout(self_attn(q, q, tgt, None, train), train))
+      tgt = norm2(tgt + self._dropout(attend_memory(tgt + query_pos), train))
+      tgt = norm3(tgt + self._dropout(self._ffn(tgt, train), train))
+    return (tgt, weights) if capture_attention else tgt
 
 
 class Transformer(nn.Module):
@@ -203,7 +221,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, src: jax.Array, mask: jax.Array, pos: jax.Array, query_embed: jax.Array,
-               train: bool = False) -> jax.Array:
+               train: bool = False, capture_attention: bool = False):
     """Encodes the flattened feature map and decodes the object queries.
 
     Args:
@@ -214,7 +232,9 @@ class Transformer(nn.Module):
       train: enables dropout (needs the "dropout" rng).
 
     Returns:
-      [dec_layers, B, Q, D]: every decoder layer's output after the shared decoder_norm.
+      [dec_layers, B, Q, D]: every decoder layer's output after the shared decoder_norm; with
+      `capture_attention`, also the last decoder layer's cross-attention weights over the
+      positions (mean over heads, float32 [B, Q, S]).
     """
     memory = self.encode(src, mask, pos, train)
     query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None],
@@ -223,9 +243,14 @@ class Transformer(nn.Module):
     decoder_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                                 param_dtype=jnp.float32, name="decoder_norm")
     outputs = []
+    weights = None
     for i in range(self.dec_layers):
+      last = i == self.dec_layers - 1
       tgt = DecoderLayer(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm,
                          self.attention_implementation, self.dtype,
-                         name=f"decoder_layer_{i}")(tgt, memory, mask, pos, query_pos, train)
+                         name=f"decoder_layer_{i}")(tgt, memory, mask, pos, query_pos, train,
+                                                    capture_attention and last)
+      if capture_attention and last:
+        tgt, weights = tgt
       outputs.append(decoder_norm(tgt))  # the un-normed tgt feeds the next layer
-    return jnp.stack(outputs)
+    return (jnp.stack(outputs), weights) if capture_attention else jnp.stack(outputs)

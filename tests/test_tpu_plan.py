@@ -1,0 +1,69 @@
+"""detr_jax.tpu_plan: the real train and eval steps compiled for a TPU slice, on this CPU.
+
+Needs the `tpu` extra (libtpu); skipped, saying so, where it is not installed.
+"""
+
+import importlib.util
+
+import pytest
+
+from configs import tiny_test
+from detr_jax import tpu_plan
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e \".[tpu]\"); TPU compilation needs it")
+
+
+def test_tiny_train_and_eval_steps_compile_for_v5e_2x2():
+  config = tiny_test.get_config()
+  plan = tpu_plan.plan(config, "v5e:2x2")
+  assert plan.num_chips == 4 and plan.chip == "v5e"
+  assert [s.program for s in plan.steps] == ["train", "eval"]
+  train_step, eval_step = plan.steps
+  assert train_step.per_chip_batch == config.batch_size // 4
+  assert eval_step.per_chip_batch == config.eval_batch_size // 4
+  for step in plan.steps:
+    assert step.bucket == (64, 64)
+    assert step.argument_bytes > 0 and step.flops > 0
+    assert step.fits
+    assert 0 < step.total_bytes < tpu_plan.CHIPS["v5e"]["hbm_bytes"]
+  # The train step holds the parameters and two Adam moments; eval only the variables.
+  assert train_step.argument_bytes > 2 * eval_step.argument_bytes
+  # Backward pass: a train step costs more than twice the forward FLOPs per image.
+  assert (train_step.flops / train_step.per_chip_batch
+          > 2 * eval_step.flops / eval_step.per_chip_batch)
+  table = tpu_plan.format_plan(plan, config, mfu=0.4)
+  assert "| train | 64x64 | 2 |" in table and "Everything fits." in table
+
+
+def test_a_bucket_too_large_does_not_fit_and_a_smaller_batch_is_named():
+  config = tiny_test.get_config()
+  config.dataset.buckets = [(2048, 2048)]  # 8 images of 2048 x 2048 per chip: ~tens of GiB
+  plan = tpu_plan.plan(config, "v5e:2x2", per_chip_batch=8, programs=("train",))
+  (step,) = plan.steps
+  assert step.bucket == (2048, 2048)
+  # The TPU compiler refuses it (RESOURCE_EXHAUSTED) and says how much it needed.
+  assert not step.fits and "RESOURCE_EXHAUSTED" in step.error
+  assert step.temp_bytes > 0.9 * tpu_plan.CHIPS["v5e"]["hbm_bytes"]
+  # The largest smaller batch that compiles, and the next one up does not.
+  assert 0 < step.fitting_batch < 8
+  mesh = tpu_plan.parallel.create_mesh(tpu_plan.topology_devices("v5e:2x2"))
+  config = tpu_plan.planning_config(config)
+  assert tpu_plan.compile_train_step(config, mesh, step.fitting_batch, (2048, 2048)).fits
+  assert not tpu_plan.compile_train_step(config, mesh, step.fitting_batch + 1, (2048, 2048)).fits
+  table = tpu_plan.format_plan(plan, config, mfu=0.4)
+  assert "| NO |" in table
+  assert "does NOT fit at 8 images per chip" in table
+  assert f"{step.fitting_batch} images per chip compile" in table
+
+
+def test_unknown_generation_and_missing_class_count_are_clear_errors():
+  with pytest.raises(ValueError, match="Unknown TPU generation"):
+    tpu_plan.chip_generation("v9x:2x2")
+  config = tiny_test.get_config()
+  config.model.num_classes = -1
+  with pytest.raises(ValueError, match="num_classes"):
+    tpu_plan.planning_config(config)
+  # "auto" would pick the CPU's 1x1-as-dot convolutions; the plan compiles XLA's.
+  assert tpu_plan.planning_config(tiny_test.get_config()).model.conv_implementation == "xla"

@@ -37,24 +37,34 @@ def test_tiny_train_and_eval_steps_compile_for_v5e_2x2():
   assert "| train | 64x64 | 2 |" in table and "Everything fits." in table
 
 
-def test_a_bucket_too_large_does_not_fit_and_a_smaller_batch_is_named():
+def test_a_bucket_too_large_does_not_fit_and_a_smaller_batch_is_named(monkeypatch):
   config = tiny_test.get_config()
-  config.dataset.buckets = [(2048, 2048)]  # 8 images of 2048 x 2048 per chip: ~tens of GiB
-  plan = tpu_plan.plan(config, "v5e:2x2", per_chip_batch=8, programs=("train",))
+  config.dataset.buckets = [(3584, 3584)]  # 2 images of 3584 x 3584 per chip: > 16 GiB
+  # Every compilation the plan makes, with its verdict: the search must have compiled the batch
+  # it names (fits) and the one above it (does not), so the test needs no compilations of its own.
+  compiled = {}
+  real_compile = tpu_plan.compile_train_step
+
+  def recording_compile(config, mesh, per_chip_batch, bucket):
+    step = real_compile(config, mesh, per_chip_batch, bucket)
+    compiled[per_chip_batch] = step.fits
+    return step
+
+  monkeypatch.setitem(tpu_plan._COMPILERS, "train", recording_compile)  # pylint: disable=protected-access
+  monkeypatch.setattr(tpu_plan, "compile_train_step", recording_compile)
+  plan = tpu_plan.plan(config, "v5e:2x2", per_chip_batch=2, programs=("train",))
   (step,) = plan.steps
-  assert step.bucket == (2048, 2048)
+  assert step.bucket == (3584, 3584)
   # The TPU compiler refuses it (RESOURCE_EXHAUSTED) and says how much it needed.
   assert not step.fits and "RESOURCE_EXHAUSTED" in step.error
   assert step.temp_bytes > 0.9 * tpu_plan.CHIPS["v5e"]["hbm_bytes"]
   # The largest smaller batch that compiles, and the next one up does not.
-  assert 0 < step.fitting_batch < 8
-  mesh = tpu_plan.parallel.create_mesh(tpu_plan.topology_devices("v5e:2x2"))
-  config = tpu_plan.planning_config(config)
-  assert tpu_plan.compile_train_step(config, mesh, step.fitting_batch, (2048, 2048)).fits
-  assert not tpu_plan.compile_train_step(config, mesh, step.fitting_batch + 1, (2048, 2048)).fits
-  table = tpu_plan.format_plan(plan, config, mfu=0.4)
+  assert 0 < step.fitting_batch < 2
+  assert compiled[step.fitting_batch] is True
+  assert compiled[step.fitting_batch + 1] is False
+  table = tpu_plan.format_plan(plan, tpu_plan.planning_config(config), mfu=0.4)
   assert "| NO |" in table
-  assert "does NOT fit at 8 images per chip" in table
+  assert "does NOT fit at 2 images per chip" in table
   assert f"{step.fitting_batch} images per chip compile" in table
 
 

@@ -82,8 +82,18 @@ def test_eight_devices_match_one_device(tiny_config, one_device):
       np.testing.assert_allclose(m8[key], m1[key], rtol=2e-4, err_msg=key)
   assert int(state_8.step) == int(state_1.step) == 2
   params_1, params_8 = jax.device_get((state_1.params, state_8.params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-6),
-               params_8, params_1)
+  # Adam divides each gradient by its own magnitude, so an element whose gradient is near zero
+  # turns a summation-order difference (8 partial sums vs 1) into a visible step difference.
+  # Nearly every element must agree to round-off; none may differ by more than 1% of the step
+  # size (lr) per step.
+  max_step_gap = 0.01 * tiny_config.optimizer.lr * 2
+  def check(path, a, b):
+    name = jax.tree_util.keystr(path)
+    gap = np.abs(a - b)
+    assert gap.max() <= max_step_gap, f"{name}: max gap {gap.max():.3g} > {max_step_gap:.3g}"
+    loose = np.mean(gap > 1e-3 * np.abs(b) + 2e-6)
+    assert loose <= 1e-3, f"{name}: {loose:.2%} of the elements differ beyond round-off"
+  jax.tree_util.tree_map_with_path(check, params_8, params_1)
   # The steps really updated the parameters.
   initial = jax.device_get(one_device[1].params)
   assert not np.allclose(params_8["class_embed"]["kernel"], initial["class_embed"]["kernel"])

@@ -115,5 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ""  # converted checkpoint dir (python -m detr_jax.convert) for fine-tuning
   config.num_visualizations = 0  # validation PNGs with predicted boxes written at the end
   config.visualization_threshold = 0.5  # lowest score drawn in those PNGs
+  # Validation images run through `detr_jax.predict` (boxes and decoder attention maps) at the
+  # end, into WORKDIR/predictions.
+  config.num_predictions = 0
   config.backbone_init = ""  # torchvision ResNet .pth (ImageNet) for the backbone, when training from scratch
   return config

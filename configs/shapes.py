@@ -7,7 +7,8 @@ Hardware: any CPU (measured on 2 cores); a GPU runs it in a few minutes.
 Data: the shapes TFDS builder (detr_jax/data/shapes.py) is generated on first use under
 `dataset.data_dir` (no download; about a minute).
 
-Command (trains, evaluates COCO AP, writes PNGs of predicted boxes to WORKDIR/visualizations):
+Command (trains, evaluates COCO AP, writes PNGs of predicted boxes to WORKDIR/visualizations and
+predictions with decoder attention maps of 4 validation images to WORKDIR/predictions):
   python -m detr_jax.main --config configs/shapes.py --workdir /tmp/detr_shapes
 Evaluate a workdir again:
   python -m detr_jax.evaluate --config configs/shapes.py --checkpoint /tmp/detr_shapes
@@ -67,4 +68,5 @@ def get_config():
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
   config.num_visualizations = 8
+  config.num_predictions = 4  # with attention maps, into WORKDIR/predictions
   return config

@@ -425,22 +425,37 @@ def predict_files(detector: Detector, patterns: Sequence[str], output: str,
   if not prepared:
     raise ValueError(f"No readable image in {list(patterns)}" +
                      (f" ({len(skipped)} skipped, see above)." if skipped else "."))
-  os.makedirs(output, exist_ok=True)
-  results = detector.run(prepared, attention=attention)
-  image_ids = _image_ids(kept_paths)
   stems = [os.path.splitext(os.path.basename(p))[0] for p in kept_paths]
+  image_ids = _image_ids(kept_paths)
+  # Two files of the same name from different folders get their image id appended.
+  pictures = [s if stems.count(s) == 1 else f"{s}_{i}" for s, i in zip(stems, image_ids)]
+  written = write_outputs(detector, prepared, kept_paths, image_ids, pictures, output, threshold,
+                          attention, skipped)
+  return {"written": written, "skipped": skipped, "compilations": detector.compilations()}
+
+
+def write_outputs(detector: Detector, prepared: Sequence[Prepared], files: Sequence[str],
+                  image_ids: Sequence[int], pictures: Sequence[str], output: str,
+                  threshold: float, attention: bool, skipped: Sequence[str] = ()) -> int:
+  """Runs the detector and writes predictions.json, detections_coco.json and the PNGs.
+
+  Only the first process writes (every process must call it: the model runs on all devices).
+  Returns the number of images.
+  """
+  results = detector.run(prepared, attention=attention)
+  if jax.process_index() != 0:
+    return len(results)
+  os.makedirs(output, exist_ok=True)
   summary, coco_results = [], []
-  for path, stem, image_id, item, result in zip(kept_paths, stems, image_ids, prepared, results):
+  for file, image_id, picture, item, result in zip(files, image_ids, pictures, prepared, results):
     height, width = item.image.shape[:2]
     kept = result.kept(threshold)
-    # Two files of the same name from different folders get their image id appended.
-    png = stem if stems.count(stem) == 1 else f"{stem}_{image_id}"
-    draw_detections(item.image, kept).save(os.path.join(output, f"{png}.png"))
+    draw_detections(item.image, kept).save(os.path.join(output, f"{picture}.png"))
     if attention:
-      draw_attention(item.image, kept, os.path.join(output, f"{png}_attention.png"))
+      draw_attention(item.image, kept, os.path.join(output, f"{picture}_attention.png"))
     summary.append({
-        "file": path, "image_id": image_id, "width": width, "height": height,
-        "picture": f"{png}.png",
+        "file": file, "image_id": image_id, "width": width, "height": height,
+        "picture": f"{picture}.png",
         "detections": [{"box": [float(v) for v in box], "score": float(score),
                         "label": int(label), "name": name}
                        for box, score, label, name in zip(kept["boxes"], kept["scores"],
@@ -450,10 +465,35 @@ def predict_files(detector: Detector, patterns: Sequence[str], output: str,
                            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                            "score": float(score)})
   with open(os.path.join(output, "predictions.json"), "w") as f:
-    json.dump({"threshold": threshold, "images": summary, "skipped": skipped}, f, indent=1)
+    json.dump({"threshold": threshold, "images": summary, "skipped": list(skipped)}, f, indent=1)
   with open(os.path.join(output, "detections_coco.json"), "w") as f:
     json.dump(coco_results, f)
-  return {"written": len(summary), "skipped": skipped, "compilations": detector.compilations()}
+  return len(results)
+
+
+def predict_validation_images(config: ml_collections.ConfigDict, variables: dict, mesh,
+                              class_names: dict[int, str], output: str, num_images: int,
+                              threshold: float | None = None, attention: bool = True) -> int:
+  """The main job's last act: predict (with attention maps) on the first validation images.
+
+  Reads the original images of `config.dataset`'s eval split and writes as the predict command
+  does, pictures named `image_<id>`. Returns the number of images.
+  """
+  from detr_jax.data import sources  # pylint: disable=g-import-not-at-top
+  threshold = config.get("visualization_threshold", 0.5) if threshold is None else threshold
+  source = sources.get_source(config.dataset)
+  records = source.builder.as_dataset(split=source.eval_split, decoders=source.decoders,
+                                      shuffle_files=False).take(num_images)
+  detector = Detector(config, variables, class_names, mesh=mesh)
+  prepared, ids = [], []
+  for raw in records:
+    example = source.decode(raw)
+    prepared.append(detector.prepare(np.asarray(example["image"])))
+    ids.append(int(example["image_id"]))
+  if not prepared:
+    return 0
+  return write_outputs(detector, prepared, [f"{source.eval_split}/{i}" for i in ids], ids,
+                       [f"image_{i}" for i in ids], output, threshold, attention)
 
 
 def _define_flags():

@@ -301,6 +301,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         visualize.write_predictions(
             config, model, {"params": state.params, "batch_stats": state.batch_stats}, mesh,
             info.class_names, os.path.join(workdir, "visualizations"), num_vis)
+      num_predictions = int(config.get("num_predictions", 0))
+      if num_predictions > 0:
+        from detr_jax import predict  # pylint: disable=g-import-not-at-top
+        out = os.path.join(workdir, "predictions")
+        predict.predict_validation_images(
+            config, {"params": state.params, "batch_stats": state.batch_stats}, mesh,
+            info.class_names, out, num_predictions)
+        logging.info("Wrote predictions with attention maps of %d validation images to %s.",
+                     num_predictions, out)
   finally:
     manager.wait_until_finished()
     preemption.restore_handlers()

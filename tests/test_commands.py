@@ -28,6 +28,7 @@ import torch
 from configs import shapes
 from configs import tiny_test
 from detr_jax import convert
+from detr_jax.data import shapes as shapes_data
 import torch_reference
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -43,6 +44,12 @@ TENSORBOARD = "tensorboard --logdir WORKDIR"
 PREDICT = ("python -m detr_jax.predict --config configs/shapes.py --checkpoint /tmp/detr_shapes "
            '--images photo.jpg photos/ "more/*.png" --output /tmp/predictions --attention')
 TINY_JOB = "python -m detr_jax.main --config configs/tiny_test.py --workdir /tmp/detr_tiny"
+EXPORT = (
+    "python -m detr_jax.export --config configs/shapes.py --checkpoint /tmp/detr_shapes "
+    "--format hf --output /tmp/detr_shapes_hf",
+    "python -m detr_jax.export --config configs/shapes.py --checkpoint /tmp/detr_shapes "
+    "--format official --output /tmp/detr_shapes.pth",
+)
 CONVERT_PTH = ("python -m detr_jax.convert --input detr-r50-e632da11.pth "
                "--config configs/detr_r50_coco.py --output /tmp/detr_r50")
 CONVERT_SAFETENSORS = ("python -m detr_jax.convert --input model.safetensors "
@@ -86,7 +93,7 @@ NOT_RUN = {
     "tfds build coco/2017 --data_dir DIR": "downloads COCO, which cannot be reached here; the "
                                            "COCO commands are checked to ask for it",
 }
-RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
+RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, *EXPORT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
        EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN}
 
 
@@ -185,7 +192,8 @@ def data_dir(tmp_path_factory):
 # Shrinks the shapes main job to seconds: tiny splits, 2 steps, 2 pictures.
 _SMALL_SHAPES = ("--config.num_train_steps=2", "--config.dataset.num_train_examples=16",
                  "--config.dataset.num_eval_examples=8", "--config.batch_size=8",
-                 "--config.eval_batch_size=8", "--config.num_visualizations=2")
+                 "--config.eval_batch_size=8", "--config.num_visualizations=2",
+                 "--config.num_predictions=2")
 
 
 def test_main_job_evaluate_and_tensorboard(tmp_path, data_dir):
@@ -197,6 +205,9 @@ def test_main_job_evaluate_and_tensorboard(tmp_path, data_dir):
   trained = json.loads((tmp_path / "detr_shapes" / "eval_metrics.json").read_text())
   assert trained["step"] == 2
   assert len(list((tmp_path / "detr_shapes" / "visualizations").glob("*.png"))) == 2
+  predicted = tmp_path / "detr_shapes" / "predictions"
+  assert len(list(predicted.glob("image_*_attention.png"))) == 2
+  assert len(json.loads((predicted / "predictions.json").read_text())["images"]) == 2
   assert (tmp_path / "detr_shapes" / "checkpoints").is_dir()
 
   result = run_documented(EVAL_MAIN_JOB, {"/tmp/detr_shapes": workdir},
@@ -216,6 +227,7 @@ def test_main_job_evaluate_and_tensorboard(tmp_path, data_dir):
   assert {k: round(v, 4) for k, v in saved.items()} == metrics
 
   _predict_on_files(tmp_path, workdir, data)
+  _export(tmp_path, workdir, data)
 
   result = run_documented(TENSORBOARD, {"WORKDIR": workdir}, ["--inspect"])
   for tag in ("train/loss", "eval/AP", "train/lr_transformer"):
@@ -255,6 +267,32 @@ def _predict_on_files(tmp_path, workdir, data):
                                     "more/*.png": f"{tmp_path}/nowhere/*.png"}, [data],
                           expect_rc=1)
   assert "No readable image" in result.stderr
+
+
+def _export(tmp_path, workdir, data):
+  """README "Exporting to PyTorch", on the trained workdir; transformers and torch load both."""
+  hf_dir, pth = tmp_path / "detr_shapes_hf", tmp_path / "detr_shapes.pth"
+  # Writing the transformers folder needs no torch: a `torch` that fails to import comes first.
+  no_torch = tmp_path / "no_torch" / "torch"
+  no_torch.mkdir(parents=True)
+  (no_torch / "__init__.py").write_text("raise ImportError('torch is not installed')\n")
+  result = run_documented(EXPORT[0], {"/tmp/detr_shapes_hf": str(hf_dir),
+                                      "/tmp/detr_shapes": workdir}, [data],
+                          env=_env(PYTHONPATH=str(no_torch.parent)))
+  assert f"at {hf_dir}" in result.stdout
+  run_documented(EXPORT[1], {"/tmp/detr_shapes.pth": str(pth), "/tmp/detr_shapes": workdir},
+                 [data])
+  from transformers import DetrForObjectDetection  # pylint: disable=g-import-not-at-top
+  hf_model = DetrForObjectDetection.from_pretrained(str(hf_dir))
+  assert hf_model.config.id2label == dict(enumerate(shapes_data.CLASS_NAMES))
+  trained = _checkpoint_params(workdir)
+  model_config = shapes.get_config().model
+  model_config.num_classes = len(shapes_data.CLASS_NAMES)
+  for state in ({k: v.numpy() for k, v in hf_model.state_dict().items()},
+                torch.load(pth, map_location="cpu", weights_only=True)):
+    back = _flat(convert.from_torch_state_dict(state, model_config))
+    for key, value in back.items():
+      np.testing.assert_array_equal(value, trained[key], err_msg=key)
 
 
 @pytest.fixture(scope="module")

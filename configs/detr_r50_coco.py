@@ -112,6 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 20_000  # > 0: also at the end; 0: only at the end; < 0: never
   config.checkpoint_every_steps = 2_000
   config.keep_checkpoints = 3
+  # A step whose loss or gradient is NaN or Inf skips its update (parameters and optimizer
+  # state untouched); this many in a row stop training with an error (<= 0: never stop).
+  config.max_nonfinite_steps = 20
   config.init_from = ""  # converted checkpoint dir (python -m detr_jax.convert) for fine-tuning
   config.num_visualizations = 0  # validation PNGs with predicted boxes written at the end
   config.visualization_threshold = 0.5  # lowest score drawn in those PNGs

@@ -143,7 +143,15 @@ def make_train_step(config, model, tx, labels, mesh, schedules):
     grads, metrics = sharded_grads(state.params, state.batch_stats, batch, step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A NaN or Inf in the loss or in any gradient skips the update on the device: parameters
+    # and optimizer state stay as they were (jnp.where(True, new, old) is `new` bit for bit).
+    # (Frozen parameters' gradients are zeros and never applied.)
     metrics["grad_norm"] = optimizer_lib.trainable_global_norm(grads, labels)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep_finite = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep_finite, params, state.params)
+    opt_state = jax.tree.map(keep_finite, opt_state, state.opt_state)
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     for group, schedule in schedules.items():
       metrics[f"lr_{group}"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -171,9 +179,50 @@ def global_batch(local: dict[str, np.ndarray], mesh, keys=TRAIN_KEYS):
   return input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
 
 
-def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+class NonFiniteError(RuntimeError):
+  """Too many consecutive train steps with a NaN or Inf loss or gradient."""
+
+
+class NonFiniteMonitor:
+  """Counts the steps whose update the train step skipped (metric `nonfinite`).
+
+  It reads the per-step flags when the loop logs (no extra host synchronisation) and raises
+  `NonFiniteError` once `max_consecutive` steps in a row were non-finite (<= 0: never).
+  """
+
+  def __init__(self, max_consecutive: int):
+    self.max_consecutive = int(max_consecutive)
+    self.streak = 0  # consecutive non-finite steps up to the last one seen
+    self.total = 0
+    self.streak_start = None
+
+  def update(self, flags: list[tuple[int, float]]) -> list[int]:
+    """`flags`: (step, nonfinite) in order; returns the non-finite steps among them."""
+    bad = []
+    for step, flag in flags:
+      if flag > 0:
+        bad.append(step)
+        self.total += 1
+        self.streak += 1
+        if self.streak == 1:
+          self.streak_start = step
+      else:
+        self.streak = 0
+    return bad
+
+  @property
+  def exceeded(self) -> bool:
+    return self.max_consecutive > 0 and self.streak >= self.max_consecutive
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> tuple[dict[str, float], list[float]]:
+  """Means over the finite steps of `history` (all steps if none is), and each step's flag."""
   stacked = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  flags = [float(m.get("nonfinite", 0.0)) for m in stacked]
+  finite = [m for m, flag in zip(stacked, flags) if flag == 0] or stacked
+  means = {k: float(np.mean([m[k] for m in finite])) for k in stacked[0] if k != "nonfinite"}
+  means["nonfinite_steps"] = float(sum(flags))
+  return means, flags
 
 
 # ------------------------------------------------------------------ main
@@ -257,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   hooks = [report_progress]
   history, start_time, first_step = [], time.time(), step
+  nonfinite = NonFiniteMonitor(config.get("max_nonfinite_steps", 20))
   log_every = max(int(config.log_every_steps), 1)
   ckpt_every = max(int(config.checkpoint_every_steps), 1)
   try:
@@ -269,8 +319,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       for hook in hooks:
         hook(step)
       if step % log_every == 0 or step == total_steps:
-        means = _mean_metrics(history)
+        means, flags = _mean_metrics(history)
+        bad = nonfinite.update(list(zip(range(step - len(flags) + 1, step + 1), flags)))
         history = []
+        if bad:
+          logging.warning("Skipped the update of %d step(s) with a non-finite loss or gradient: "
+                          "%s (%d in this run).", len(bad), ", ".join(map(str, bad)),
+                          nonfinite.total)
+        if nonfinite.exceeded:
+          manager.wait_until_finished()
+          last_good = manager.latest_step()
+          where = (f"the last checkpoint, step {last_good} in {manager.directory}, is kept"
+                   if last_good is not None else "no checkpoint was saved")
+          raise NonFiniteError(
+              f"{nonfinite.streak} consecutive train steps (steps {nonfinite.streak_start}.."
+              f"{step}) had a non-finite loss or gradient, at most "
+              f"config.max_nonfinite_steps={nonfinite.max_consecutive}; their updates were "
+              f"skipped, so the parameters are those of before step {nonfinite.streak_start}; "
+              f"{where}. Lower the learning rate or check the data of those steps.")
         writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
         elapsed = time.time() - start_time - eval_seconds[0]
         eta = elapsed / (step - first_step) * (total_steps - step)

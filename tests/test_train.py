@@ -231,3 +231,61 @@ def test_backbone_init_loads_torchvision_resnet(tmp_path):
                                 fresh["params"]["class_embed"]["kernel"])
   assert not np.array_equal(loaded["params"]["backbone"]["conv1"]["kernel"],
                             fresh["params"]["backbone"]["conv1"]["kernel"])
+
+
+def test_nonfinite_step_is_skipped_on_the_device(tiny_config, one_device):
+  mesh, state, step_fn = one_device
+  state = jax.tree.map(lambda x: x.copy(), state)
+  before = jax.device_get(state)
+  bad = _synthetic_batch(tiny_config, seed=11)
+  bad["images"][0, 0, 0, 0] = np.nan  # one pixel: the loss and every gradient become NaN
+  state, metrics = step_fn(state, train.global_batch(bad, mesh))
+  metrics, after = jax.device_get((metrics, state))
+  assert metrics["nonfinite"] == 1.0 and not np.isfinite(metrics["loss"])
+  assert int(after.step) == int(before.step) + 1  # the data moves on
+  jax.tree.map(np.testing.assert_array_equal, (after.params, after.opt_state),
+               (before.params, before.opt_state))
+  state, metrics = step_fn(state, train.global_batch(_synthetic_batch(tiny_config, 12), mesh))
+  metrics, good = jax.device_get((metrics, state))
+  assert metrics["nonfinite"] == 0.0 and np.isfinite(metrics["loss"])
+  assert not np.array_equal(good.params["class_embed"]["kernel"],
+                            before.params["class_embed"]["kernel"])
+
+
+def test_nonfinite_monitor_counts_streaks_across_log_windows():
+  monitor = train.NonFiniteMonitor(max_consecutive=3)
+  assert monitor.update([(1, 0.0), (2, 1.0), (3, 1.0)]) == [2, 3]
+  assert monitor.streak == 2 and not monitor.exceeded
+  assert monitor.update([(4, 0.0), (5, 1.0)]) == [5]  # a finite step resets the streak
+  assert monitor.streak == 1 and monitor.total == 3
+  monitor.update([(6, 1.0), (7, 1.0)])
+  assert monitor.exceeded and monitor.streak_start == 5
+  assert not train.NonFiniteMonitor(0).exceeded
+
+
+def test_training_stops_after_too_many_nonfinite_steps(data_dir, tmp_path, monkeypatch):
+  from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  real_iterator = input_pipeline.create_train_iterator
+
+  def nan_from_step_3(config, start_step=0):
+    for step, batch in enumerate(real_iterator(config, start_step=start_step), start_step + 1):
+      if step >= 3:
+        batch = dict(batch, images=np.full_like(batch["images"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "create_train_iterator", nan_from_step_3)
+  config = _shapes_config(data_dir, num_train_steps=8)
+  config.log_every_steps = 1
+  config.max_nonfinite_steps = 2
+  workdir = tmp_path / "nan"
+  with pytest.raises(train.NonFiniteError,
+                     match=r"2 consecutive train steps \(steps 3\.\.4\).*max_nonfinite_steps=2"
+                           r".*last checkpoint, step 2 in .*checkpoints, is kept"):
+    train.train_and_evaluate(config, str(workdir))
+  # It stopped at the first log after the second NaN step, before saving step 4.
+  manager = checkpointing.create_checkpoint_manager(str(workdir), read_only=True)
+  assert manager.latest_step() == 2
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  kept = manager.restore(2, args=ocp.args.StandardRestore())
+  assert int(kept["step"]) == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(kept["params"]))

@@ -71,6 +71,38 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
+class NoReadableCheckpointError(RuntimeError):
+  """Every checkpoint in the directory failed to restore."""
+
+
+def restore_latest_readable(manager: ocp.CheckpointManager, abstract_state: Any) -> Any:
+  """Restores the newest checkpoint that can be read, newest first.
+
+  A checkpoint whose files are truncated or corrupted (a disk filled up, a copy cut short) is
+  skipped with a warning naming it and the one used instead.
+
+  Raises:
+    NoReadableCheckpointError: there are checkpoints and none of them can be read.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  failures = []
+  for step in steps:
+    try:
+      state = restore(manager, abstract_state, step)
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append(f"step {step}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+      logging.warning("Checkpoint of step %d in %s cannot be read (%s); trying an older one.",
+                      step, manager.directory, failures[-1])
+      continue
+    if failures:
+      logging.warning("Resumed from the checkpoint of step %d instead of the newest, step %d, "
+                      "which cannot be read.", step, steps[0])
+    return state
+  raise NoReadableCheckpointError(
+      f"No checkpoint in {manager.directory} can be read: " + "; ".join(failures) +
+      ". Move the directory away to start afresh, or restore it from a copy.")
+
+
 class PreemptionFlag:
   """Set on SIGTERM (and SIGINT if asked): the training loop then saves and exits cleanly.
 

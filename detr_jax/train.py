@@ -270,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     replicated = NamedSharding(mesh, P())
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    state = checkpointing.restore(manager, abstract)
+    state = checkpointing.restore_latest_readable(manager, abstract)
   else:
     variables = init_variables(config, model, init_rng)
     state = create_train_state(config, model, tx, mesh, state_rng, variables)

@@ -289,3 +289,39 @@ def test_training_stops_after_too_many_nonfinite_steps(data_dir, tmp_path, monke
   kept = manager.restore(2, args=ocp.args.StandardRestore())
   assert int(kept["step"]) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(kept["params"]))
+
+
+def _damage(step_dir):
+  """Truncates every data file of an orbax step directory to half its size."""
+  damaged = 0
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      size = os.path.getsize(path)
+      if size > 0 and name != "_CHECKPOINT_METADATA":
+        with open(path, "r+b") as f:
+          f.truncate(size // 2)
+        damaged += 1
+  assert damaged > 0
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  manager = checkpointing.create_checkpoint_manager(str(tmp_path), keep=3)
+  states = {s: {"step": jnp.asarray(s), "w": jnp.full((64, 64), float(s))} for s in (1, 2, 3)}
+  for s, state in states.items():
+    checkpointing.save(manager, s, state, force=True)
+  manager.wait_until_finished()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[1])
+  _damage(os.path.join(manager.directory, "3"))
+  reopened = checkpointing.create_checkpoint_manager(str(tmp_path), keep=3)
+  with caplog.at_level("WARNING"):
+    state = checkpointing.restore_latest_readable(reopened, abstract)
+  assert int(state["step"]) == 2
+  np.testing.assert_array_equal(state["w"], states[2]["w"])
+  assert "step 2 instead of the newest, step 3" in caplog.text
+  for s in (1, 2):
+    _damage(os.path.join(manager.directory, str(s)))
+  with pytest.raises(checkpointing.NoReadableCheckpointError,
+                     match=r"No checkpoint in .* can be read: step 3: .*step 2: .*step 1: "):
+    checkpointing.restore_latest_readable(
+        checkpointing.create_checkpoint_manager(str(tmp_path), keep=3), abstract)

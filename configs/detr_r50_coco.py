@@ -78,15 +78,15 @@ def get_config() -> ml_collections.ConfigDict:
   ds.eval_images_dir = ""
   ds.augmentation = "detr"  # detr (official multi-scale + crop) | fixed (resize only)
   ds.flip = True  # random horizontal flip (p 0.5) in both augmentations
-  ds.scales = list(range(480, 801, 32))  # shorter side choices for training
+  ds.scales = tuple(range(480, 801, 32))  # shorter side choices for training
   ds.max_size = 1333
-  ds.crop_resize_scales = [400, 500, 600]
+  ds.crop_resize_scales = (400, 500, 600)
   ds.crop_min_size = 384
   ds.crop_max_size = 600
   ds.eval_size = 800
   ds.eval_max_size = 1333
   # Static shapes: every batch is padded to the smallest bucket (H, W) that holds it.
-  ds.buckets = [(800, 1333), (1333, 800), (1088, 1088), (1333, 1333)]
+  ds.buckets = ((800, 1333), (1333, 800), (1088, 1088), (1333, 1333))
   ds.max_boxes = 100  # targets padded to this many boxes (COCO max non-crowd is 93)
   ds.shuffle_buffer = 1000
 

@@ -43,11 +43,11 @@ def get_config():
   ds.num_eval_examples = 500
   ds.max_objects = 6
   ds.augmentation = "fixed"  # resize to `scales` (here: identity) + horizontal flip
-  ds.scales = [128]
+  ds.scales = (128,)
   ds.max_size = 128
   ds.eval_size = 128
   ds.eval_max_size = 128
-  ds.buckets = [(128, 128)]
+  ds.buckets = ((128, 128),)
   ds.max_boxes = 8
   ds.shuffle_buffer = 2000
 

@@ -28,11 +28,11 @@ def get_config():
   ds = config.dataset
   ds.name = "shapes"
   ds.augmentation = "fixed"
-  ds.scales = [64]
+  ds.scales = (64,)
   ds.max_size = 64
   ds.eval_size = 64
   ds.eval_max_size = 64
-  ds.buckets = [(64, 64)]
+  ds.buckets = ((64, 64),)
   ds.max_boxes = 8
   ds.shuffle_buffer = 64
   ds.num_train_examples = 64  # shapes only

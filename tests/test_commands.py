@@ -495,3 +495,38 @@ def test_library_modules_define_no_flags():
   count, defined = result.stdout.strip().split(" ", 1)
   assert int(count) > 10, result.stdout
   assert defined == "{}", f"modules that define flags on import: {defined}"
+
+
+def test_configs_load_from_any_directory(tmp_path):
+  """A config that builds on another (`from configs import detr_r50_coco`) loads from any cwd:
+  the `configs` package is installed with the project."""
+  config = REPO / "configs" / "detr_r101_coco.py"
+  workdir, data = tmp_path / "workdir", tmp_path / "tensorflow_datasets"
+  result = subprocess.run(
+      [sys.executable, "-m", "detr_jax.main", f"--config={config}", f"--workdir={workdir}",
+       f"--config.dataset.data_dir={data}"], cwd=tmp_path, capture_output=True, text=True,
+      env=_env(), timeout=300, check=False)
+  assert "ModuleNotFoundError" not in result.stderr, result.stderr[-3000:]
+  assert "tfds build coco/2017" in result.stderr, result.stderr[-3000:]
+
+
+def test_sequence_fields_override_from_the_command_line(tmp_path):
+  """Every sequence field of the configs is a tuple, which --config.x=... can override."""
+  script = tmp_path / "show.py"
+  script.write_text(
+      "from absl import app\n"
+      "from ml_collections import config_flags\n"
+      "CONFIG = config_flags.DEFINE_config_file('config', None, lock_config=False)\n"
+      "def main(_):\n"
+      "  d = CONFIG.value.dataset\n"
+      "  print(repr((d.scales, d.buckets, d.crop_resize_scales)))\n"
+      "app.run(main)\n")
+  for name in ("detr_r50_coco", "shapes", "tiny_test"):
+    config = REPO / "configs" / f"{name}.py"
+    result = subprocess.run(
+        [sys.executable, str(script), f"--config={config}", "--config.dataset.scales=(96,112)",
+         "--config.dataset.buckets=((96,96),(112,112))",
+         "--config.dataset.crop_resize_scales=(48,)"],
+        cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "((96, 112), ((96, 96), (112, 112)), (48,))"

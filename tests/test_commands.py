@@ -337,14 +337,7 @@ def converted(tmp_path_factory, data_dir):
   return {"pth": out_pth, "safetensors": out_st, "variables": convert.load_variables(out_pth)}
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = np.asarray(value)
-  return out
+_flat = torch_reference.flat_tree
 
 
 def test_convert_then_evaluate(converted, data_dir):

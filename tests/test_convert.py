@@ -36,15 +36,7 @@ def _model_config(**overrides):
   return model_config
 
 
-def _padded_batch():
-  """Two images, 96x128 and 80x112, padded bottom/right to 96x128."""
-  rng = np.random.default_rng(0)
-  images = np.zeros((2, 96, 128, 3), np.float32)
-  pixel_mask = np.zeros((2, 96, 128), bool)
-  for i, (h, w) in enumerate(((96, 128), (80, 112))):
-    images[i, :h, :w] = rng.normal(size=(h, w, 3))
-    pixel_mask[i, :h, :w] = True
-  return images, pixel_mask
+_padded_batch = torch_reference.padded_batch
 
 
 def _hf_outputs(hf_model, images, pixel_mask):

@@ -34,14 +34,7 @@ def _random_variables(model_config, seed=0):
   return convert._unflatten(flat)  # pylint: disable=protected-access
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = np.asarray(value)
-  return out
+_flat = torch_reference.flat_tree
 
 
 def _small_r50(**overrides):
@@ -79,15 +72,7 @@ def test_both_formats_convert_back_bit_for_bit(name, model_config, blocks):
       np.testing.assert_array_equal(got[path], value, err_msg=f"{name} {path}")
 
 
-def _padded_batch():
-  """Two images, 96x128 and 80x112, padded bottom/right to 96x128."""
-  rng = np.random.default_rng(0)
-  images = np.zeros((2, 96, 128, 3), np.float32)
-  pixel_mask = np.zeros((2, 96, 128), bool)
-  for i, (h, w) in enumerate(((96, 128), (80, 112))):
-    images[i, :h, :w] = rng.normal(size=(h, w, 3))
-    pixel_mask[i, :h, :w] = True
-  return images, pixel_mask
+_padded_batch = torch_reference.padded_batch
 
 
 @pytest.mark.parametrize("model_config", [_small_r50(), _tiny(position_embedding="learned")],

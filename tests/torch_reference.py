@@ -262,3 +262,26 @@ class TorchvisionResNet(nn.Module):
   def forward(self, x):
     x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
     return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+# ------------------------------------------------------------------ shared test inputs
+def padded_batch():
+  """Two images, 96x128 and 80x112, padded bottom/right to 96x128: (images, pixel_mask)."""
+  rng = np.random.default_rng(0)
+  images = np.zeros((2, 96, 128, 3), np.float32)
+  pixel_mask = np.zeros((2, 96, 128), bool)
+  for i, (h, w) in enumerate(((96, 128), (80, 112))):
+    images[i, :h, :w] = rng.normal(size=(h, w, 3))
+    pixel_mask[i, :h, :w] = True
+  return images, pixel_mask
+
+
+def flat_tree(tree, prefix=""):
+  """A nested dict of arrays -> {"a/b/c": numpy array}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flat_tree(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = np.asarray(value)
+  return out

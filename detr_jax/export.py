@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from detr_jax import convert
+
 FORMATS = ("hf", "official")
 
 # ResNet depths by backbone (torchvision's), and transformers ResNetConfig fields for them.
@@ -37,16 +39,6 @@ _RESNETS = {
     "resnet101": ("bottleneck", [3, 4, 23, 3], [256, 512, 1024, 2048]),
 }
 _BN_FIELDS = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping) or hasattr(value, "items"):
-      flat.update(_flatten(value, f"{prefix}{key}/"))
-    else:
-      flat[f"{prefix}{key}"] = np.asarray(value, np.float32)
-  return flat
 
 
 def _torch_value(kind: str, leaf: str, value: np.ndarray) -> np.ndarray:
@@ -108,7 +100,8 @@ def to_state_dict(variables: Mapping[str, Any], fmt: str,
   hf = fmt == "hf"
   out: dict[str, np.ndarray] = {}
   qkv: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-  for path, value in _flatten(variables).items():
+  for path, value in convert._flatten(variables).items():  # pylint: disable=protected-access
+    value = np.asarray(value, np.float32)
     collection, *modules, leaf = path.split("/")
     if collection not in ("params", "batch_stats"):
       continue

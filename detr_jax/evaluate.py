@@ -14,6 +14,7 @@ Command (a training workdir, its checkpoints dir, or a `python -m detr_jax.conve
 import contextlib
 import io
 import json
+import os
 import sys
 from typing import Any, Iterator
 
@@ -186,7 +187,13 @@ def run(config: ml_collections.ConfigDict, checkpoint: str,
   With `output_dir`, also writes `metrics.json` and `detections.json` there (`evaluate_coco`).
   """
   from detr_jax import models  # pylint: disable=g-import-not-at-top
+  from detr_jax import config_checks  # pylint: disable=g-import-not-at-top
   from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config_checks.check_eval_config(config)
+  if "://" not in checkpoint and not os.path.exists(checkpoint):
+    raise config_checks.ConfigError(
+        f"--checkpoint={checkpoint} does not exist: give a training workdir, its checkpoints "
+        "folder or a `python -m detr_jax.convert` output.")
   info = input_pipeline.dataset_info(config.dataset)
   config = input_pipeline.resolve_config(config, info)
   mesh = parallel.create_mesh()
@@ -223,4 +230,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("output_dir", "", "Where to write metrics.json and detections.json "
                       "(default: CHECKPOINT/eval).")
   flags.mark_flags_as_required(["config", "checkpoint"])
-  app.run(main)
+  from detr_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

@@ -535,4 +535,5 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  from detr_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

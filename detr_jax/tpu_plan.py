@@ -368,4 +368,5 @@ if __name__ == "__main__":
     jax.config.update("jax_platforms", "cpu")
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  from detr_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

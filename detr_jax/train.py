@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from detr_jax import checkpointing
+from detr_jax import config_checks
 from detr_jax import evaluate
 from detr_jax import losses
 from detr_jax import models
@@ -238,7 +239,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     The final TrainState.
   """
   from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(workdir)
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
+  # Config mistakes fail here, in one line, before the data is prepared or anything compiles.
+  config_checks.check_train_config(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   info = input_pipeline.dataset_info(config.dataset)

@@ -10,17 +10,30 @@ come from its "categories". Each example keeps image_id, iscrowd and area.
 
 The JSON is checked when the dataset is prepared, i.e. before training starts:
 
-| problem                                  | behaviour                                          |
-|------------------------------------------|----------------------------------------------------|
+| problem                                   | behaviour                                          |
+|-------------------------------------------|----------------------------------------------------|
+| missing key, wrong type (a string id, a   | ValueError naming the record (`annotations[3]     |
+|   bbox of 3 values, a non-integer id),     |   (id 17)`) and the field                          |
+|   NaN or infinite box value, duplicate     |                                                    |
+|   image / annotation / category id         |                                                    |
 | annotation with an unknown category id    | ValueError naming the annotation id                |
 | annotation of an unknown image id          | ValueError naming the annotation id                |
 | missing image file                        | ValueError naming the file                         |
+| image whose JSON width/height are not     | ValueError naming the image id (its boxes would be |
+|   the file's                               |   in another image's pixels)                       |
+| image without width/height                | the file's size is used                            |
 | corrupt (undecodable) image file           | image skipped, counted, warning logged             |
-| box partly outside the image               | clipped to the image, counted in a log line        |
+| box partly outside the image (or huge)     | clipped to the image, counted in a log line        |
 | box with negative width or height          | annotation dropped, counted in a log line          |
-| image without annotations (or only crowd / | kept in "validation"; left out of "train" (as the |
-|   zero-area boxes)                         |   official loader), counted in a log line          |
-| empty split (no usable image)              | ValueError                                         |
+| box with no area inside the image          | annotation dropped, counted in a log line          |
+| image without annotations (or only crowd   | kept in "validation"; left out of "train" (as the |
+|   boxes)                                   |   official loader), counted in a log line          |
+| more boxes than config.dataset.max_boxes   | kept here; the input pipeline drops the extra ones |
+|                                            |   and logs how many                                |
+| empty split (no usable image), no          | ValueError                                         |
+|   categories                               |                                                    |
+
+Category ids may start at 0 or 1 (or anywhere): labels are the ids themselves.
 
 The counts are logged and stored in the dataset's metadata ("report").
 """
@@ -84,15 +97,77 @@ def make_config(annotations_file, images_dir, eval_annotations_file="",
                           eval_images_dir=eval_images_dir)
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _record(kind, index, record) -> str:
+  rid = record.get("id") if isinstance(record, dict) else None
+  return f"{kind}[{index}]" + (f" (id {rid!r})" if rid is not None else "")
+
+
+def _check_records(path, data):
+  """Raises ValueError naming the record and field of the first malformed entry of data."""
+  # key: (required, check, what it must be)
+  schema = {
+      "categories": {"id": (True, lambda v: _is_int(v) and v >= 0, "a non-negative integer")},
+      "images": {
+          "id": (True, _is_int, "an integer"),
+          "file_name": (True, lambda v: isinstance(v, str) and v, "a non-empty string"),
+          "width": (False, lambda v: _is_int(v) and v > 0, "a positive integer"),
+          "height": (False, lambda v: _is_int(v) and v > 0, "a positive integer"),
+      },
+      "annotations": {
+          "id": (True, _is_int, "an integer"),
+          "image_id": (True, _is_int, "an integer"),
+          "category_id": (True, _is_int, "an integer"),
+          "bbox": (True, lambda v: isinstance(v, list) and len(v) == 4 and all(
+              _is_number(x) and np.isfinite(x) for x in v), "[x, y, width, height]: 4 finite "
+                   "numbers"),
+          "iscrowd": (False, lambda v: v in (0, 1) and not isinstance(v, float), "0 or 1"),
+          "area": (False, lambda v: _is_number(v) and np.isfinite(v) and v >= 0,
+                   "a finite non-negative number"),
+      },
+  }
+  for kind, fields in schema.items():
+    records = data[kind]
+    if not isinstance(records, list):
+      raise ValueError(f"{path}: {kind!r} is a {type(records).__name__}, not a list.")
+    seen = {}
+    for index, record in enumerate(records):
+      if not isinstance(record, dict):
+        raise ValueError(f"{path}: {kind}[{index}] is a {type(record).__name__}, not an object.")
+      for key, (required, ok, what) in fields.items():
+        if key not in record:
+          if required:
+            raise ValueError(f"{path}: {_record(kind, index, record)} has no field {key!r}.")
+          continue
+        if not ok(record[key]):
+          raise ValueError(f"{path}: {_record(kind, index, record)}: field {key!r} is "
+                           f"{record[key]!r}; it must be {what}.")
+      rid = record["id"]
+      if rid in seen:
+        raise ValueError(f"{path}: {kind}[{index}] and {kind}[{seen[rid]}] have the same "
+                         f"field 'id' {rid!r}; ids must be unique.")
+      seen[rid] = index
+
+
 def _load_json(path):
   with open(path) as f:
     try:
       data = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"{path} holds a {type(data).__name__}, not a COCO instances object.")
   for key in ("images", "annotations", "categories"):
     if key not in data:
       raise ValueError(f"{path} has no {key!r} list: it is not a COCO instances file.")
+  _check_records(path, data)
   return data
 
 
@@ -101,8 +176,6 @@ def read_categories(path) -> dict:
   categories = {}
   for category in _load_json(path)["categories"]:
     cat_id = category["id"]
-    if not isinstance(cat_id, int) or cat_id < 0:
-      raise ValueError(f"{path}: category id {cat_id!r} is not a non-negative integer.")
     categories[cat_id] = str(category.get("name", cat_id))
   if not categories:
     raise ValueError(f"{path} has no categories.")
@@ -158,7 +231,7 @@ def _read_image(path):
 def generate_split(annotations_file, images_dir, images, per_image, training, report):
   """Yields (key, example) of one split, applying the module docstring's rules; fills report."""
   report.update(images=len(images), examples=0, corrupt_images=0, clipped_boxes=0,
-                negative_size_boxes=0, images_without_training_box=0)
+                negative_size_boxes=0, empty_boxes=0, images_without_training_box=0)
   for image_id in sorted(images):
     path = os.path.join(images_dir, images[image_id]["file_name"])
     try:
@@ -167,6 +240,12 @@ def generate_split(annotations_file, images_dir, images, per_image, training, re
       report["corrupt_images"] += 1
       logging.warning("Skipping corrupt image %s (image id %s): %s", path, image_id, e)
       continue
+    stated = (images[image_id].get("height", height), images[image_id].get("width", width))
+    if stated != (height, width):
+      raise ValueError(
+          f"{annotations_file}: image id {image_id} says height x width = {stated[0]} x "
+          f"{stated[1]} (fields 'height', 'width') but {path} is {height} x {width}: its boxes "
+          "would be in another image's pixels. Fix the JSON or use the original images.")
     boxes, labels, crowd, areas = [], [], [], []
     for ann in per_image[image_id]:
       x, y, w, h = (float(v) for v in ann["bbox"])
@@ -175,13 +254,16 @@ def generate_split(annotations_file, images_dir, images, per_image, training, re
         continue
       x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
       x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+      if not (x1 > x0 and y1 > y0):
+        report["empty_boxes"] += 1
+        continue
       if (x0, y0, x1, y1) != (x, y, x + w, y + h):
         report["clipped_boxes"] += 1
       boxes.append([x0, y0, x1, y1])
       labels.append(ann["category_id"])
       crowd.append(bool(ann.get("iscrowd", 0)))
       areas.append(float(ann.get("area", w * h)))
-    if not any(not c and b[2] > b[0] and b[3] > b[1] for b, c in zip(boxes, crowd)):
+    if all(crowd):
       report["images_without_training_box"] += 1
       if training:
         continue

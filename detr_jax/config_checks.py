@@ -1,0 +1,164 @@
+"""Checks of an experiment config that fail at start, in one line, instead of hours in.
+
+`check_train_config(config, workdir)` runs before the dataset is prepared and before anything is
+compiled; `check_eval_config(config)` the same for evaluation and prediction. Each problem raises
+`ConfigError`, whose message names the field and the fix in one line. The command-line entry
+points (`detr_jax.cli.run`) print it as `error: ...` without a traceback and exit with status 2.
+
+The fields a config may have are those of `configs/detr_r50_coco.py` (every config builds on it)
+plus the synthetic-shapes fields of `config.dataset` (`OPTIONAL_FIELDS`); anything else is a
+misspelling.
+"""
+
+import difflib
+import os
+import tempfile
+from typing import Any, Iterable
+
+import ml_collections
+
+# Fields read with a default but absent from the reference config.
+OPTIONAL_FIELDS = frozenset({
+    "dataset.image_size", "dataset.max_objects", "dataset.num_train_examples",
+    "dataset.num_eval_examples", "dataset.shapes_seed",
+})
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message names the field and the fix, in one line."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  items = tree.items() if hasattr(tree, "items") else []
+  for key, value in items:
+    name = f"{prefix}{key}"
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def reference_fields() -> frozenset[str]:
+  """Every field name a config may have, dotted ("model.num_queries")."""
+  from configs import detr_r50_coco  # pylint: disable=g-import-not-at-top
+  return frozenset(_flatten(detr_r50_coco.get_config())) | OPTIONAL_FIELDS
+
+
+def suggest(name: str, known: Iterable[str]) -> str:
+  """' Did you mean config.X?' for the closest known field, or ''."""
+  known = list(known)
+  leaf = name.rsplit(".", 1)[-1]
+  parent = name.rsplit(".", 1)[0] if "." in name else ""
+  siblings = [k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
+  close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+  if not close and siblings:
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in siblings}
+    leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+    close = [by_leaf[leaves[0]]] if leaves else []
+  if not close:  # the right leaf under another section: dataset.lr -> optimizer.lr
+    close = [k for k in known if k.rsplit(".", 1)[-1] == leaf][:1]
+  return f" Did you mean config.{close[0]}?" if close else ""
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a field no part of the code reads (a misspelling)."""
+  known = reference_fields()
+  unknown = sorted(set(_flatten(config)) - known)
+  if unknown:
+    name = unknown[0]
+    more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+    raise ConfigError(f"config.{name} is not a config field, so it would be ignored{more}."
+                      f"{suggest(name, known)}")
+
+
+def _num_devices(num_devices: int | None) -> int:
+  if num_devices is not None:
+    return int(num_devices)
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.device_count()
+
+
+def check_batch_size(config, name: str, num_devices: int | None = None) -> None:
+  n = _num_devices(num_devices)
+  value = int(config[name])
+  if value <= 0 or value % n:
+    fix = max(n, (max(value, 1) // n) * n)
+    raise ConfigError(f"config.{name}={value} does not divide over the {n} devices: set "
+                      f"--config.{name}={fix} (a positive multiple of {n}).")
+
+
+def check_buckets(ds, training: bool) -> None:
+  """The largest bucket must hold every image the resize can make (sides up to max_size)."""
+  buckets = [tuple(int(v) for v in b) for b in ds.buckets]
+  if not buckets:
+    raise ConfigError("config.dataset.buckets is empty: give at least one (height, width), "
+                      "e.g. --config.dataset.buckets='((800, 1333), (1333, 1333))'.")
+  max_h = max(b[0] for b in buckets)
+  max_w = max(b[1] for b in buckets)
+  limits = [("eval_max_size", ds.get("eval_max_size"))]
+  if training:
+    limits.insert(0, ("max_size", ds.get("max_size")))
+  for name, limit in limits:
+    if limit is None or int(limit) <= 0:
+      continue
+    limit = int(limit)
+    if max_h < limit or max_w < limit:
+      raise ConfigError(
+          f"config.dataset.buckets={tuple(buckets)} cannot hold the {limit}-pixel sides that "
+          f"config.dataset.{name}={limit} allows (largest bucket {max_h} x {max_w}); images "
+          f"would be shrunk to fit: add the bucket ({max(max_h, limit)}, {max(max_w, limit)}) "
+          f"or lower --config.dataset.{name}.")
+
+
+def check_path_exists(config, name: str) -> None:
+  path = str(config.get(name, "") or "")
+  if not path or "://" in path:  # remote paths are checked where they are opened
+    return
+  if not os.path.exists(path):
+    what = ("a `python -m detr_jax.convert` output folder" if name == "init_from"
+            else "a torchvision ResNet .pth or .safetensors file")
+    raise ConfigError(f"config.{name}={path!r} does not exist: give {what}, or "
+                      f"--config.{name}='' to start without it.")
+
+
+def check_workdir(workdir: str) -> None:
+  if "://" in workdir:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check_"):
+      pass
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} is not a writable directory ({e.strerror}): give a "
+                      "directory this user can create and write.") from None
+
+
+def check_train_config(config: ml_collections.ConfigDict, workdir: str | None = None,
+                       num_devices: int | None = None) -> None:
+  """Every check of a training run; raises ConfigError with the first problem."""
+  check_fields(config)
+  for name in ("batch_size", "eval_batch_size"):
+    check_batch_size(config, name, num_devices)
+  check_buckets(config.dataset, training=True)
+  num_queries, max_boxes = int(config.model.num_queries), int(config.dataset.max_boxes)
+  if num_queries < max_boxes:
+    raise ConfigError(
+        f"config.model.num_queries={num_queries} is smaller than config.dataset.max_boxes="
+        f"{max_boxes}: one-to-one matching cannot give every target box a query; set "
+        f"--config.model.num_queries={max_boxes} or more (or lower --config.dataset.max_boxes).")
+  accum = int(config.optimizer.get("grad_accum_steps", 1))
+  if accum < 1:
+    raise ConfigError(f"config.optimizer.grad_accum_steps={accum} must be >= 1.")
+  for name in ("init_from", "backbone_init"):
+    check_path_exists(config, name)
+  if workdir is not None:
+    check_workdir(workdir)
+
+
+def check_eval_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """The checks of evaluation and prediction; raises ConfigError with the first problem."""
+  check_fields(config)
+  check_batch_size(config, "eval_batch_size", num_devices)
+  check_buckets(config.dataset, training=False)

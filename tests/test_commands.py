@@ -71,6 +71,7 @@ BENCHMARKS = (
     "PYTHONPATH=. python experiments/bench_input.py",
     "PYTHONPATH=. python experiments/bench_train.py --batch 2 --size 512 --iters 5",
 )
+CHAOS = "PYTHONPATH=. python experiments/chaos_resume.py --kills 12"
 TPU_PLAN = (
     "python -m detr_jax.tpu_plan --config configs/detr_r50_coco.py --topology v5e:8x8 "
     "--topology v4:2x2x4 --topology v5p:2x2x4 --buckets largest",
@@ -94,7 +95,7 @@ NOT_RUN = {
                                            "COCO commands are checked to ask for it",
 }
 RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, *EXPORT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
-       EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN}
+       EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN, CHAOS}
 
 
 def _command_lines(text: str):
@@ -523,3 +524,12 @@ def test_sequence_fields_override_from_the_command_line(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "((96, 112), ((96, 96), (112, 112)), (48,))"
+
+
+def test_kill_9_at_random_moments_loses_nothing(tmp_path):
+  """README: the chaos run, shortened to 3 kills (one while a checkpoint is written at least)."""
+  result = run_documented(CHAOS, extra=("--kills", "3", "--steps", "6", "--seed", "1",
+                                        "--workdir", tmp_path), timeout=900)
+  assert "kills survived: 3 " in result.stdout, result.stdout
+  assert "while a checkpoint was being written: 0)" not in result.stdout, result.stdout
+  assert "bit for bit" in result.stdout and "differing: 0" in result.stdout, result.stdout

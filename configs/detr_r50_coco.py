@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
   ds.eval_max_size = 1333
   # Static shapes: every batch is padded to the smallest bucket (H, W) that holds it.
   ds.buckets = ((800, 1333), (1333, 800), (1088, 1088), (1333, 1333))
+  # Evaluation pads each image on its own, so its detections do not depend on its batch:
+  # "bucket", to its smallest bucket, or "image", to its size rounded up to eval_pad_multiple.
+  ds.eval_padding = "bucket"
+  ds.eval_pad_multiple = 32
   ds.max_boxes = 100  # targets padded to this many boxes (COCO max non-crowd is 93)
   ds.shuffle_buffer = 1000
 

@@ -112,6 +112,14 @@ def check_buckets(ds, training: bool) -> None:
           f"or lower --config.dataset.{name}.")
 
 
+def check_eval_padding(ds) -> None:
+  from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    input_pipeline.eval_padding(ds)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def check_path_exists(config, name: str) -> None:
   path = str(config.get(name, "") or "")
   if not path or "://" in path:  # remote paths are checked where they are opened
@@ -142,6 +150,7 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str | None = 
   for name in ("batch_size", "eval_batch_size"):
     check_batch_size(config, name, num_devices)
   check_buckets(config.dataset, training=True)
+  check_eval_padding(config.dataset)
   num_queries, max_boxes = int(config.model.num_queries), int(config.dataset.max_boxes)
   if num_queries < max_boxes:
     raise ConfigError(
@@ -161,4 +170,5 @@ def check_eval_config(config: ml_collections.ConfigDict, num_devices: int | None
   """The checks of evaluation and prediction; raises ConfigError with the first problem."""
   check_fields(config)
   check_batch_size(config, "eval_batch_size", num_devices)
+  check_eval_padding(config.dataset)
   check_buckets(config.dataset, training=False)

@@ -128,9 +128,29 @@ class CocoEvaluator:
 make_predict_fn = inference.make_predict_fn  # re-exported
 
 
+def local_view(variables, mesh):
+  """(variables, mesh) on this process's devices only, for process-local prediction.
+
+  Eval batches differ in number and shape between processes (each holds images of one padded
+  shape), so prediction runs on each process's own devices, and the results are gathered once at
+  the end. Replicated variables are copied from this process's replica.
+  """
+  if jax.process_count() == 1:
+    return variables, mesh
+  local_mesh = parallel.create_mesh(jax.local_devices())
+  def to_local(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = np.asarray(x.addressable_data(0))
+    return x
+  local = jax.tree.map(to_local, variables)
+  return jax.device_put(local, parallel.replicated(local_mesh)), local_mesh
+
+
 def predict_batches(config, model, variables, mesh) -> Iterator[tuple[dict, tuple]]:
-  """Yields (local numpy eval batch, (scores, labels, boxes) of its rows) over the eval split."""
+  """Yields (local numpy eval batch, (scores, labels, boxes) of its rows) over this process's
+  shard of the eval split, predicted on this process's devices."""
   from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  variables, mesh = local_view(variables, mesh)
   predict = inference.make_predict_fn(model, mesh, inference.label_activation(config))
   for local in input_pipeline.create_eval_iterator(config):
     inputs = input_pipeline.make_global_batch(
@@ -140,22 +160,45 @@ def predict_batches(config, model, variables, mesh) -> Iterator[tuple[dict, tupl
     yield local, tuple(parallel.to_host(o, mesh) for o in outs)
 
 
+def _gather_processes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Concatenates every process's rows (processes may hold different numbers of rows)."""
+  if jax.process_count() == 1:
+    return rows
+  count = next(iter(rows.values())).shape[0]
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray([count], np.int64)))
+  counts = counts.reshape(-1)
+  most = int(counts.max())
+  padded = {k: np.pad(v, [(0, most - count)] + [(0, 0)] * (v.ndim - 1)) for k, v in rows.items()}
+  gathered = multihost_utils.process_allgather(padded, tiled=False)  # [processes, most, ...]
+  return {k: np.concatenate([np.asarray(v)[p, :int(n)] for p, n in enumerate(counts)])
+          for k, v in gathered.items()}
+
+
 def evaluate_coco(config, model, variables, mesh, class_names: dict[int, str],
                   output_dir: str | None = None) -> dict[str, float]:
   """Runs the model over the eval split of every process and returns COCO box AP metrics.
 
-  Every process gathers all predictions (they are small: queries x 6 numbers per image) and
-  computes the same metrics, so any process may log them. With `output_dir`, the first process
-  writes there `metrics.json` and `detections.json` (the COCO results format, exactly the
-  detections scored: every query of every image, no threshold).
+  Every process predicts its shard, then gathers all predictions (they are small: queries x 6
+  numbers per image) and computes the same metrics, so any process may log them. With
+  `output_dir`, the first process writes there `metrics.json` and `detections.json` (the COCO
+  results format, exactly the detections scored: every query of every image, no threshold).
   """
-  evaluator = CocoEvaluator(class_names)
+  parts = []
   for local, (scores, labels, boxes) in predict_batches(config, model, variables, mesh):
-    fields = {k: np.asarray(local[k]) for k in _GT_KEYS}
-    if jax.process_count() > 1:
-      fields, scores, labels, boxes = multihost_utils.process_allgather(
-          (fields, scores, labels, boxes), tiled=True)
-    evaluator.add_batch(fields, scores, labels, boxes)
+    keep = np.flatnonzero(np.asarray(local["example_valid"]))
+    row = {k: np.asarray(local[k])[keep] for k in _GT_KEYS}
+    row.update(scores=np.asarray(scores)[keep], labels=np.asarray(labels)[keep],
+               boxes=np.asarray(boxes)[keep])
+    parts.append(row)
+  if not parts:
+    raise ValueError("The eval split gave no batch.")
+  rows = _gather_processes({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+  # Images in id order: the metrics and detections.json do not depend on the batching.
+  order = np.argsort(rows["image_id"], kind="stable")
+  rows = {k: v[order] for k, v in rows.items()}
+  evaluator = CocoEvaluator(class_names)
+  evaluator.add_batch({k: rows[k] for k in _GT_KEYS}, rows["scores"], rows["labels"],
+                      rows["boxes"])
   metrics = evaluator.compute()
   logging.info("Evaluated %d images: %s", evaluator.num_images,
                json.dumps({k: round(v, 4) for k, v in metrics.items()}))

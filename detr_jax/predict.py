@@ -22,7 +22,9 @@ Python:
 
 Images are read as the evaluation pipeline reads them (EXIF orientation applied, any PIL mode
 converted to RGB, the same resize to `dataset.eval_size`/`eval_max_size` and bucket fit, the same
-normalisation and post-processing) and batched by bucket: one compilation per bucket shape.
+normalisation and post-processing), each padded on its own (`dataset.eval_padding`: to its
+bucket, or to its size rounded up to the stride) and batched with images of the same padded
+shape: one compilation per padded shape, and detections that do not depend on the batch.
 """
 
 import dataclasses
@@ -137,14 +139,6 @@ def preprocess(image: np.ndarray, ds_config) -> np.ndarray:
   return transforms.normalize_image(resized).numpy()
 
 
-def bucket_for(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-  """The smallest bucket (buckets sorted smallest first) that holds `size`."""
-  for bucket in buckets:
-    if size[0] <= bucket[0] and size[1] <= bucket[1]:
-      return bucket
-  raise ValueError(f"An image of {size} fits no bucket of {buckets}.")  # eval_geometry prevents
-
-
 # ------------------------------------------------------------------ checkpoint checks
 # Parameter names -> the config.model field that sets their presence or shape.
 _FIELD_OF = (
@@ -225,7 +219,7 @@ class Prepared:
   """One image ready for the model."""
   image: np.ndarray  # uint8 [H, W, 3], the original
   model_input: np.ndarray  # float32 [h, w, 3], normalised
-  bucket: tuple[int, int]
+  bucket: tuple[int, int]  # the padded (H, W) of model_input (config.dataset.eval_padding)
 
 
 class Detector:
@@ -273,7 +267,9 @@ class Detector:
   def prepare(self, source: Any) -> Prepared:
     image = read_image(source)
     model_input = preprocess(image, self.config.dataset)
-    return Prepared(image, model_input, bucket_for(model_input.shape[:2], self.buckets))
+    from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    return Prepared(image, model_input,
+                    input_pipeline.eval_padded_size(*model_input.shape[:2], self.config.dataset))
 
   def __call__(self, images: Iterable[Any], threshold: float = DEFAULT_THRESHOLD,
                attention: bool = False) -> list[dict[str, Any]]:
@@ -288,13 +284,14 @@ class Detector:
     return [r.kept(threshold) for r in self.run([self.prepare(i) for i in images], attention)]
 
   def run(self, prepared: Sequence[Prepared], attention: bool = False) -> list["Result"]:
-    """All queries of each prepared image (no threshold), grouped into per-bucket batches."""
+    """All queries of each prepared image (no threshold), in batches of one padded shape each
+    (`input_pipeline.eval_padded_size`: an image's padding does not depend on the others)."""
     n = self.mesh.devices.size
     # One batch size per call (so one compilation per bucket): no larger than needed.
     batch = min(self.batch_size, -(-len(prepared) // n) * n)
     batch = max(-(-batch // n) * n, n)
     results: list[Result | None] = [None] * len(prepared)
-    for bucket in self.buckets:
+    for bucket in sorted({p.bucket for p in prepared}):
       indices = [i for i, p in enumerate(prepared) if p.bucket == bucket]
       for start in range(0, len(indices), batch):
         chunk = indices[start:start + batch]

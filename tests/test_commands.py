@@ -72,6 +72,8 @@ BENCHMARKS = (
     "PYTHONPATH=. python experiments/bench_train.py --batch 2 --size 512 --iters 5",
 )
 CHAOS = "PYTHONPATH=. python experiments/chaos_resume.py --kills 12"
+PADDING_SHIFT = ("PYTHONPATH=. python experiments/padding_shift.py --config configs/detr_r50_coco.py "
+                 "--checkpoint /tmp/detr_r50 --num 50")
 TPU_PLAN = (
     "python -m detr_jax.tpu_plan --config configs/detr_r50_coco.py --topology v5e:8x8 "
     "--topology v4:2x2x4 --topology v5p:2x2x4 --buckets largest",
@@ -95,7 +97,8 @@ NOT_RUN = {
                                            "COCO commands are checked to ask for it",
 }
 RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, *EXPORT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
-       EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN, CHAOS}
+       EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN, CHAOS,
+       PADDING_SHIFT}
 
 
 def _command_lines(text: str):
@@ -533,3 +536,26 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path):
   assert "kills survived: 3 " in result.stdout, result.stdout
   assert "while a checkpoint was being written: 0)" not in result.stdout, result.stdout
   assert "bit for bit" in result.stdout and "differing: 0" in result.stdout, result.stdout
+
+
+def test_padding_shift_on_a_converted_model(converted, tmp_path):
+  """README: how far eval padding moves a converted model's outputs (tiny stand-in, images of
+  five sizes)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import coco_folder_testdata  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i, (h, w, rects) in enumerate(coco_folder_testdata.EVAL_IMAGES):
+    Image.fromarray(coco_folder_testdata.draw(h, w, rects)).save(folder / f"{i}.png")
+  result = run_documented(
+      PADDING_SHIFT, {"configs/detr_r50_coco.py": "configs/tiny_test.py",
+                      "/tmp/detr_r50": converted["pth"]},
+      ["--images", folder, "--set", "dataset.eval_size=64", "dataset.eval_max_size=96",
+       "dataset.buckets=((64,64),(64,96),(96,64),(96,96))"])
+  rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines()
+          if line.startswith("| ") and not line.startswith("| padding")}
+  assert set(rows) == {"unpadded", "bucket", "image-32"}, result.stdout
+  assert float(rows["unpadded"][0]) == 0.0  # the reference against itself
+  assert float(rows["bucket"][0]) > 0.0  # padding moves the outputs
+  # Distinct padded shapes: the 5 own sizes; their 3 buckets; rounded to 32, also 3.
+  assert [int(rows[m][-1]) for m in ("unpadded", "bucket", "image-32")] == [5, 3, 3]

@@ -25,8 +25,18 @@ beyond it are dropped, counted and logged (`TrainIterator.num_dropped_boxes`).
 
 Training drops crowd boxes and boxes without area; images without any training box are not used
 for training (they stay in evaluation). Eval batches also carry every original annotation for
-COCO evaluation and are padded at the end with filler examples (`example_valid` False), so every
-eval example appears exactly once across all processes.
+COCO evaluation; every eval example appears exactly once across all processes.
+
+Eval padding does not depend on the batch. Each eval image is padded on its own
+(`eval_padded_size`), then images of the same padded shape are batched together (a short batch is
+completed with filler examples, `example_valid` False). So an image's detections, and the AP, are
+the same for any eval batch size and any number of devices or processes.
+`config.dataset.eval_padding` chooses the padded shape:
+  "bucket" (default): the smallest of config.dataset.buckets that holds the image; one program
+    per bucket.
+  "image": the image's own size rounded up to `config.dataset.eval_pad_multiple` (32, the
+    backbone's stride): the least padding, as the official DETR evaluated at one image per GPU,
+    at the price of one program per distinct rounded size.
 """
 
 import functools
@@ -113,6 +123,56 @@ def sorted_buckets(ds_config):
     raise ValueError(f"config.dataset.buckets={buckets} has no bucket that holds all the others, "
                      f"so a batch mixing them would fit none: add ({max_h}, {max_w}).")
   return buckets
+
+
+EVAL_PADDINGS = ("bucket", "image")
+
+
+def eval_padding(ds_config) -> tuple[str, int]:
+  """(config.dataset.eval_padding, eval_pad_multiple), checked."""
+  mode = str(ds_config.get("eval_padding", "bucket"))
+  multiple = int(ds_config.get("eval_pad_multiple", 32))
+  if mode not in EVAL_PADDINGS:
+    raise ValueError(f"config.dataset.eval_padding={mode!r}: use one of {EVAL_PADDINGS}.")
+  if multiple < 1:
+    raise ValueError(f"config.dataset.eval_pad_multiple={multiple}: use 1 or more.")
+  return mode, multiple
+
+
+def eval_padded_size(height: int, width: int, ds_config) -> tuple[int, int]:
+  """The (H, W) an eval or prediction input of (height, width) is padded to, whatever its batch."""
+  mode, multiple = eval_padding(ds_config)
+  if mode == "image":
+    return -(-int(height) // multiple) * multiple, -(-int(width) // multiple) * multiple
+  for bucket in sorted_buckets(ds_config):
+    if height <= bucket[0] and width <= bucket[1]:
+      return bucket
+  raise ValueError(f"An image of {(height, width)} fits no bucket of {ds_config.buckets}.")
+
+
+def _eval_pad_example(example, ds_config, buckets):
+  """Pads one eval example's image and pixel_mask to `eval_padded_size` (tf version)."""
+  height = tf.shape(example["images"])[0]
+  width = tf.shape(example["images"])[1]
+  mode, multiple = eval_padding(ds_config)
+  if mode == "image":
+    target_h = (height + multiple - 1) // multiple * multiple
+    target_w = (width + multiple - 1) // multiple * multiple
+  else:
+    bucket_h = tf.constant([b[0] for b in buckets], tf.int32)
+    bucket_w = tf.constant([b[1] for b in buckets], tf.int32)
+    index = tf.argmax(tf.cast((bucket_h >= height) & (bucket_w >= width), tf.int32))
+    target_h, target_w = bucket_h[index], bucket_w[index]
+  example = dict(example)
+  pad = [[0, target_h - height], [0, target_w - width]]
+  example["images"] = tf.pad(example["images"], pad + [[0, 0]])
+  example["pixel_mask"] = tf.pad(example["pixel_mask"], pad)
+  return example
+
+
+def _shape_key(example):
+  shape = tf.cast(tf.shape(example["images"])[:2], tf.int64)
+  return shape[0] * 1_000_003 + shape[1]
 
 
 def _pad_to_bucket(batch, buckets):
@@ -324,8 +384,9 @@ def _pad_batch(batch, batch_size):
 def create_eval_iterator(config, process_index=None, process_count=None) -> Iterator[dict]:
   """Finite iterator over this process's evaluation batches.
 
-  Every process yields the same number of batches; together they hold every example of the eval
-  split exactly once (filler rows have example_valid False).
+  Together the processes' batches hold every example of the eval split exactly once (filler rows
+  have example_valid False); processes may yield different numbers of batches, of different
+  shapes: each batch holds images of one padded shape (see the module docstring).
 
   Args:
     config: the experiment config (eval_batch_size, dataset).
@@ -350,45 +411,32 @@ def create_eval_iterator(config, process_index=None, process_count=None) -> Iter
   sizes = [source.builder.info.splits[s].num_examples for s in splits]
   if sum(sizes) == 0:
     raise ValueError(f"Eval split {source.eval_split!r} of {ds_config.name} is empty.")
-  num_batches = -(-max(sizes) // batch_size)
+  if min(sizes) == 0:
+    raise ValueError(f"Eval split {source.eval_split!r} of {ds_config.name} has {sum(sizes)} "
+                     f"examples, fewer than the {process_count} processes: each needs one.")
+  eval_padding(ds_config)
   max_boxes = int(ds_config.max_boxes)
   ds = source.builder.as_dataset(split=splits[process_index], shuffle_files=False,
                                  decoders=source.decoders)
   ds = ds.map(functools.partial(_eval_example, source=source, ds_config=ds_config,
                                 max_boxes=max_boxes),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.padded_batch(batch_size).map(functools.partial(_pad_to_bucket, buckets=buckets))
-  return _eval_batches(ds.prefetch(2), num_batches, batch_size, buckets[0], max_boxes)
+  ds = ds.map(functools.partial(_eval_pad_example, ds_config=ds_config, buckets=buckets),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # Batches of one padded shape each (the last of each shape may be short).
+  ds = ds.group_by_window(_shape_key, lambda _, window: window.batch(batch_size),
+                          window_size=batch_size)
+  return _eval_batches(ds.prefetch(2), batch_size, max_boxes)
 
 
-def _eval_batches(ds, num_batches, batch_size, smallest_bucket, max_boxes):
+def _eval_batches(ds, batch_size, max_boxes):
   num_dropped = 0
-  produced = 0
   for batch in ds.as_numpy_iterator():
     num_dropped += int(batch.pop("num_dropped_boxes").sum())
-    produced += 1
     yield _pad_batch(batch, batch_size)
   if num_dropped:
     logging.warning("Eval: %d boxes beyond config.dataset.max_boxes=%d were left out.",
                     num_dropped, max_boxes)
-  for _ in range(num_batches - produced):
-    yield _empty_eval_batch(batch_size, smallest_bucket, max_boxes)
-
-
-def _empty_eval_batch(batch_size, bucket, max_boxes):
-  """A batch of filler only, for a process whose shard ends a batch earlier than others."""
-  b, m = batch_size, max_boxes
-  height, width = bucket
-  return {
-      "images": np.zeros([b, height, width, 3], np.float32),
-      "pixel_mask": np.zeros([b, height, width], bool),
-      "labels": np.zeros([b, m], np.int32), "boxes": np.zeros([b, m, 4], np.float32),
-      "valid": np.zeros([b, m], bool), "image_id": np.zeros([b], np.int64),
-      "orig_size": np.zeros([b, 2], np.int32), "example_valid": np.zeros([b], bool),
-      "gt_boxes": np.zeros([b, m, 4], np.float32), "gt_labels": np.zeros([b, m], np.int32),
-      "gt_is_crowd": np.zeros([b, m], bool), "gt_area": np.zeros([b, m], np.float32),
-      "gt_valid": np.zeros([b, m], bool),
-  }
 
 
 def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> Any:

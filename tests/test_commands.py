@@ -71,6 +71,8 @@ BENCHMARKS = (
     "PYTHONPATH=. python experiments/bench_input.py",
     "PYTHONPATH=. python experiments/bench_train.py --batch 2 --size 512 --iters 5",
 )
+CONFIG_ERROR = ("python -m detr_jax.main --config configs/tiny_test.py --workdir /tmp/w "
+                "--config.model.num_querys=20")
 CHAOS = "PYTHONPATH=. python experiments/chaos_resume.py --kills 12"
 PADDING_SHIFT = ("PYTHONPATH=. python experiments/padding_shift.py --config configs/detr_r50_coco.py "
                  "--checkpoint /tmp/detr_r50 --num 50")
@@ -92,13 +94,15 @@ NOT_RUN = {
     'pip install -e ".[convert]"': f"a subset of the CI install, {CI_INSTALL}",
     "pip install -e .": f"a subset of the CI install, {CI_INSTALL}",
     "pytest tests/test_convert.py tests/test_models.py": "part of the CI run, pytest -q tests",
+    "pytest -q tests/test_bad_data.py --hypothesis-show-statistics": "part of the CI run, "
+                                                                     "pytest -q tests",
     'pip install -U "jax[cuda12]"': "installs JAX for NVIDIA GPUs, which this machine lacks",
     "tfds build coco/2017 --data_dir DIR": "downloads COCO, which cannot be reached here; the "
                                            "COCO commands are checked to ask for it",
 }
 RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, *EXPORT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
        EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN, CHAOS,
-       PADDING_SHIFT}
+       PADDING_SHIFT, CONFIG_ERROR}
 
 
 def _command_lines(text: str):
@@ -559,3 +563,11 @@ def test_padding_shift_on_a_converted_model(converted, tmp_path):
   assert float(rows["bucket"][0]) > 0.0  # padding moves the outputs
   # Distinct padded shapes: the 5 own sizes; their 3 buckets; rounded to 32, also 3.
   assert [int(rows[m][-1]) for m in ("unpadded", "bucket", "image-32")] == [5, 3, 3]
+
+
+def test_readme_config_error_example(tmp_path):
+  """README: the misspelled-field example prints exactly the line the README shows."""
+  result = run_documented(CONFIG_ERROR, {"/tmp/w": str(tmp_path / "w")}, expect_rc=2)
+  shown = re.search(r"```\n(error: .*?)\n```", README.read_text()).group(1)
+  assert result.stderr.strip().splitlines()[-1] == shown, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr

@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_queries = 100
   model.num_classes = 91  # max COCO id + 1; index num_classes is "no object"; <= 0: from the dataset
   model.aux_loss = True
+  # Group DETR (Chen et al. 2022): K groups of num_queries queries in training, self-attention
+  # within each group, one-to-one matching per group; inference uses group 0. 1: plain DETR.
+  model.num_query_groups = 1
   model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
   model.attention_implementation = None  # None (XLA) | "cudnn" (jax.nn.dot_product_attention)
   # 1x1 convolutions: "auto" (a matmul on CPU, where XLA's 1x1 convolution gradients are slow;
@@ -64,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   loss.focal_gamma = 2.0
   loss.varifocal_alpha = 0.75  # varifocal only (RT-DETR's value)
   loss.aux_loss = True
+  loss.query_group_losses = "mean"  # Group DETR: mean | sum of the groups' losses
 
   # --- Data (detr_jax.data) ---
   config.dataset = ds = ml_collections.ConfigDict()

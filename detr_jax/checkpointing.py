@@ -169,6 +169,9 @@ def merge_pretrained(
   """
   fresh_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh), sep="/")
   loaded_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
+  # Group DETR's training-only query groups carry over only to a model that has them.
+  loaded_flat = {k: v for k, v in loaded_flat.items()
+                 if k in fresh_flat or not k.startswith("group_query_embed/")}
   unknown = sorted(set(loaded_flat) - set(fresh_flat))
   if unknown:
     raise ValueError(

@@ -212,7 +212,32 @@ def _check_inputs(outputs, targets, layers):
                        f"(pred_logits has C+1={num_classes + 1} classes, the last is no-object).")
 
 
-def set_loss(outputs, targets, loss_config, axis_name=None):
+GROUP_LOSSES = ("mean", "sum")
+
+
+def split_query_groups(outputs, targets, num_groups: int):
+  """Group DETR: outputs of K query groups [B, K * Q, ...] -> [B * K, Q, ...], targets repeated.
+
+  Each (image, group) pair becomes one row, so matching is one-to-one within each group and the
+  set loss treats the groups as K copies of the batch: its num_boxes is K times the box count,
+  i.e. the loss is the mean over groups.
+  """
+  batch, total = outputs["pred_logits"].shape[:2]
+  if total % num_groups:
+    raise ValueError(f"{total} queries do not split into config.model.num_query_groups="
+                     f"{num_groups} groups.")
+
+  def split(x):
+    return x.reshape(batch * num_groups, total // num_groups, *x.shape[2:])
+
+  grouped = {"pred_logits": split(outputs["pred_logits"]),
+             "pred_boxes": split(outputs["pred_boxes"]),
+             "aux_outputs": [{k: split(aux[k]) for k in ("pred_logits", "pred_boxes")}
+                             for aux in outputs.get("aux_outputs", [])]}
+  return grouped, {k: jnp.repeat(v, num_groups, axis=0) for k, v in targets.items()}
+
+
+def set_loss(outputs, targets, loss_config, axis_name=None, num_query_groups: int = 1):
   """The DETR set loss over the final and (optionally) auxiliary decoder outputs.
 
   Args:
@@ -224,6 +249,10 @@ def set_loss(outputs, targets, loss_config, axis_name=None):
       eos_coef, ce/bbox/giou_loss_coef, focal_alpha, focal_gamma, aux_loss (and
       varifocal_alpha for "varifocal").
     axis_name: mesh/vmap axis the batch is split over (e.g. "data"), or None on one device.
+    num_query_groups: K > 1 for Group DETR training outputs (K * Q queries, group after group):
+      each group is matched one-to-one on its own (`split_query_groups`) and the loss is the
+      mean over groups (`loss_config.query_group_losses="mean"`, LW-DETR's default,
+      `sum_group_losses=False`) or their sum ("sum"). K = 1 is the plain loss.
 
   Returns:
     (total, metrics): total float32 scalar = sum over used outputs of ce_loss_coef * loss_ce +
@@ -231,6 +260,11 @@ def set_loss(outputs, targets, loss_config, axis_name=None):
     loss_giou, cardinality_error, class_error (final output) and the same keys suffixed _i for
     aux output i to float32 scalars.
   """
+  reduction = loss_config.get("query_group_losses", "mean")
+  if reduction not in GROUP_LOSSES:
+    raise ValueError(f"config.loss.query_group_losses={reduction!r}: use one of {GROUP_LOSSES}.")
+  if num_query_groups > 1:
+    outputs, targets = split_query_groups(outputs, targets, num_query_groups)
   layers = [(outputs["pred_logits"], outputs["pred_boxes"])] if "pred_logits" in outputs else []
   if loss_config.get("aux_loss", True):
     layers = [(aux["pred_logits"], aux["pred_boxes"]) for aux in outputs.get("aux_outputs", [])
@@ -257,6 +291,8 @@ def set_loss(outputs, targets, loss_config, axis_name=None):
              "loss_bbox": loss_config.get("bbox_loss_coef", 5.0),
              "loss_giou": loss_config.get("giou_loss_coef", 2.0)}
   total = sum(weight * jnp.sum(per_output[name]) for name, weight in weights.items())
+  if num_query_groups > 1 and reduction == "sum":
+    total = total * num_query_groups
   num_outputs = len(layers)
   metrics = {}
   for name, values in per_output.items():

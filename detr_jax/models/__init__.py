@@ -13,6 +13,7 @@ Variables (flax names; Dense kernels [in, out], Conv kernels HWIO):
   params/transformer/decoder_layer_{i}/{linear1,linear2,norm1,norm2,norm3}
   params/transformer/decoder_norm
   params/query_embed/embedding [Q, D]; params/class_embed; params/bbox_embed/layers_{0,1,2}
+  params/group_query_embed/embedding [(K - 1) * Q, D]   (Group DETR, num_query_groups K > 1)
   params/position_embedding/{row_embed,col_embed}/embedding [50, D/2]   (learned only)
   batch_stats/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias,mean,var}  (frozen BatchNorm)
 
@@ -69,6 +70,10 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   conv_implementation = cfg.get("conv_implementation", "auto")
   conv_lib.resolve_implementation(conv_implementation)  # ValueError naming the field
   _train_backbone_index(cfg)  # fail at build time, not when the optimizer is made
+  num_query_groups = int(cfg.get("num_query_groups", 1))
+  if num_query_groups < 1:
+    raise ValueError(f"config.model.num_query_groups={num_query_groups}: use 1 (plain DETR) or "
+                     "more (Group DETR).")
   return DETR(
       backbone=cfg.backbone,
       dilation=bool(cfg.get("dilation", False)),
@@ -85,6 +90,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       aux_loss=bool(cfg.get("aux_loss", True)),
       attention_implementation=implementation,
       conv_implementation=conv_implementation,
+      num_query_groups=num_query_groups,
       dtype=DTYPES[dtype_name])
 
 

@@ -20,6 +20,13 @@ POSITION_EMBEDDINGS = ("sine", "learned")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def group_attention_mask(num_groups: int, num_queries: int) -> jax.Array:
+  """bool [K * Q, K * Q]: True where two queries are in the same group (Group DETR's decoder
+  self-attention mask; queries are laid out group after group)."""
+  group = jnp.arange(num_groups * num_queries) // num_queries
+  return group[:, None] == group[None, :]
+
+
 def validate_inputs(images: jax.Array, pixel_mask: jax.Array) -> None:
   """Raises ValueError unless images/pixel_mask have the model's input layout (static shapes)."""
   if images.ndim != 4 or images.shape[-1] != 3:
@@ -75,6 +82,7 @@ class DETR(nn.Module):
   aux_loss: bool = True
   attention_implementation: Optional[str] = None
   conv_implementation: str = "auto"
+  num_query_groups: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -85,7 +93,9 @@ class DETR(nn.Module):
     Args:
       images: float [B, H, W, 3], normalised.
       pixel_mask: bool [B, H, W], True on real pixels (images are padded bottom/right).
-      train: enables dropout (needs rngs={"dropout": key}).
+      train: enables dropout (needs rngs={"dropout": key}); with num_query_groups K > 1, also
+        decodes the K - 1 extra query groups (Group DETR), so outputs have K * Q queries, group
+        after group, group 0 first; without `train`, group 0 only.
 
     Returns:
       dict with pred_logits float32 [B, Q, num_classes + 1], pred_boxes float32 [B, Q, 4]
@@ -118,6 +128,17 @@ class DETR(nn.Module):
                       features)
     query_embed = nn.Embed(self.num_queries, d_model, embedding_init=nn.initializers.normal(1.0),
                            name="query_embed").embedding  # [Q, D]
+    query_mask = None
+    if self.num_query_groups > 1 and (train or self.is_initializing()):
+      # Group DETR (Chen et al. 2022): K - 1 more groups of queries, trained only. Group 0 is
+      # `query_embed`, so published weights load unchanged and inference is the plain model
+      # (it neither reads nor needs group_query_embed).
+      extra = nn.Embed((self.num_query_groups - 1) * self.num_queries, d_model,
+                       embedding_init=nn.initializers.normal(1.0),
+                       name="group_query_embed").embedding
+      if train:
+        query_embed = jnp.concatenate([query_embed, extra], axis=0)  # [K * Q, D]
+        query_mask = group_attention_mask(self.num_query_groups, self.num_queries)
     hidden = transformer_lib.Transformer(
         num_heads=self.num_heads, enc_layers=self.enc_layers, dec_layers=self.dec_layers,
         dim_feedforward=self.dim_feedforward, dropout=self.dropout, pre_norm=self.pre_norm,
@@ -128,7 +149,8 @@ class DETR(nn.Module):
             pos.reshape(batch, height * width, d_model).astype(self.dtype),
             query_embed,
             train,
-            capture_attention)  # [L, B, Q, D]
+            capture_attention,
+            query_mask)  # [L, B, Q, D] (K * Q queries when training groups)
     if capture_attention:
       hidden, attention = hidden
 
@@ -142,6 +164,6 @@ class DETR(nn.Module):
            if self.aux_loss else [])
     outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
     if capture_attention:
-      outputs["attention"] = attention.reshape(batch, self.num_queries, height, width)
+      outputs["attention"] = attention.reshape(batch, -1, height, width)
       outputs["feature_mask"] = mask
     return outputs

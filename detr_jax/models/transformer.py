@@ -59,8 +59,10 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array,
-               key_mask: Optional[jax.Array], train: bool, return_weights: bool = False):
-    """Attends `query` [B, T, D] over `key`/`value` [B, S, D]; key_mask bool [B, S] (True: valid).
+               key_mask: Optional[jax.Array], train: bool, return_weights: bool = False,
+               attn_mask: Optional[jax.Array] = None):
+    """Attends `query` [B, T, D] over `key`/`value` [B, S, D]; key_mask bool [B, S] (True: valid);
+    attn_mask bool [T, S] (True: query t may attend to key s), e.g. Group DETR's group mask.
 
     Returns:
       [B, T, D]; with `return_weights`, also the attention weights averaged over the heads,
@@ -78,6 +80,9 @@ class MultiHeadAttention(nn.Module):
     k = project(key, "key", _fused_in_proj_init)
     v = project(value, "value", _fused_in_proj_init)
     mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
+    if attn_mask is not None:
+      pair = attn_mask[None, None]  # [1, 1, T, S]
+      mask = pair if mask is None else mask & pair
 
     mean_weights = None
     if (train and self.dropout_rate > 0.0) or return_weights:
@@ -156,8 +161,10 @@ class DecoderLayer(_LayerBase):
   """Official `TransformerDecoderLayer` (post-norm, or pre-norm with `pre_norm`)."""
 
   @nn.compact
-  def __call__(self, tgt, memory, memory_mask, pos, query_pos, train, capture_attention=False):
-    """tgt, query_pos [B, Q, D]; memory, pos [B, S, D]; memory_mask bool [B, S].
+  def __call__(self, tgt, memory, memory_mask, pos, query_pos, train, capture_attention=False,
+               query_mask=None):
+    """tgt, query_pos [B, Q, D]; memory, pos [B, S, D]; memory_mask bool [B, S]; query_mask
+    bool [Q, Q] or None: which queries each query's self-attention may see.
 
     Returns:
       [B, Q, D]; with `capture_attention`, also the cross-attention weights (mean over heads,
@@ -179,13 +186,14 @@ class DecoderLayer(_LayerBase):
     if self.pre_norm:
       tgt2 = norm1(tgt)
       q = tgt2 + query_pos
-      tgt = tgt + self._dropout(self_attn(q, q, tgt2, None, train), train)
+      tgt = tgt + self._dropout(self_attn(q, q, tgt2, None, train, attn_mask=query_mask), train)
       tgt2 = norm2(tgt)
       tgt = tgt + self._dropout(attend_memory(tgt2 + query_pos), train)
       tgt = tgt + self._dropout(self._ffn(norm3(tgt), train), train)
     else:
       q = tgt + query_pos
-      tgt = norm1(tgt + self._dropout(self_attn(q, q, tgt, None, train), train))
+      tgt = norm1(tgt + self._dropout(self_attn(q, q, tgt, None, train, attn_mask=query_mask),
+                                      train))
       tgt = norm2(tgt + self._dropout(attend_memory(tgt + query_pos), train))
       tgt = norm3(tgt + self._dropout(self._ffn(tgt, train), train))
     return (tgt, weights) if capture_attention else tgt
@@ -221,7 +229,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, src: jax.Array, mask: jax.Array, pos: jax.Array, query_embed: jax.Array,
-               train: bool = False, capture_attention: bool = False):
+               train: bool = False, capture_attention: bool = False,
+               query_mask: Optional[jax.Array] = None):
     """Encodes the flattened feature map and decodes the object queries.
 
     Args:
@@ -230,6 +239,8 @@ class Transformer(nn.Module):
       pos: [B, S, D] position embedding.
       query_embed: [Q, D] learned query positions.
       train: enables dropout (needs the "dropout" rng).
+      capture_attention: also return the last layer's cross-attention weights.
+      query_mask: bool [Q, Q] or None, the decoder self-attention mask (Group DETR).
 
     Returns:
       [dec_layers, B, Q, D]: every decoder layer's output after the shared decoder_norm; with
@@ -249,7 +260,7 @@ class Transformer(nn.Module):
       tgt = DecoderLayer(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm,
                          self.attention_implementation, self.dtype,
                          name=f"decoder_layer_{i}")(tgt, memory, mask, pos, query_pos, train,
-                                                    capture_attention and last)
+                                                    capture_attention and last, query_mask)
       if capture_attention and last:
         tgt, weights = tgt
       outputs.append(decoder_norm(tgt))  # the un-normed tgt feeds the next layer

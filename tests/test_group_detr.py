@@ -1,0 +1,217 @@
+"""Group DETR (`config.model.num_query_groups = K`): K groups of queries in training, decoder
+self-attention within each group, one-to-one matching per group, group 0 alone at inference.
+
+The closed form used throughout: a K-group model whose extra groups are copies of group 0 must
+output K identical copies of the plain model's training output (no group sees another), and its
+mean-over-groups loss must equal the plain loss exactly (the sum K times it).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import tiny_test
+from detr_jax import checkpointing
+from detr_jax import export
+from detr_jax import losses
+from detr_jax import models
+from detr_jax import parallel
+from detr_jax import predict
+from detr_jax import train
+from detr_jax.models import detr as detr_lib
+
+K = 3
+
+
+def _config(num_groups=1, label_loss="softmax_ce"):
+  config = tiny_test.get_config()
+  config.model.num_query_groups = num_groups
+  config.loss.label_loss = label_loss
+  if label_loss != "softmax_ce":
+    config.loss.class_cost_type = "focal"
+  return config
+
+
+def _inputs(batch=2, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch, 64, 64, 3)).astype(np.float32)
+  mask = np.ones((batch, 64, 64), bool)
+  mask[1, :, 48:] = False  # one padded image
+  return jnp.asarray(images), jnp.asarray(mask)
+
+
+def _targets(batch=2, slots=8, seed=1):
+  rng = np.random.default_rng(seed)
+  valid = np.zeros((batch, slots), bool)
+  valid[0, :3] = True
+  valid[1, :5] = True
+  boxes = np.concatenate([rng.uniform(0.3, 0.7, (batch, slots, 2)),
+                          rng.uniform(0.1, 0.3, (batch, slots, 2))], -1)
+  return {"labels": jnp.asarray(rng.integers(0, 6, (batch, slots)), jnp.int32),
+          "boxes": jnp.asarray(boxes, jnp.float32), "valid": jnp.asarray(valid)}
+
+
+def _copied_groups(plain_params, num_groups):
+  """Group-model params whose extra groups are copies of group 0."""
+  params = dict(plain_params)
+  params["group_query_embed"] = {"embedding": jnp.tile(plain_params["query_embed"]["embedding"],
+                                                       (num_groups - 1, 1))}
+  return params
+
+
+@pytest.fixture(scope="module")
+def plain():
+  config = _config()
+  model = models.build_model(config.model)
+  variables = train.init_variables(config, model, jax.random.PRNGKey(0))
+  return config, model, variables
+
+
+def test_group_attention_mask_blocks_every_cross_group_pair():
+  q = 4
+  mask = np.asarray(detr_lib.group_attention_mask(K, q))
+  assert mask.shape == (K * q, K * q)
+  for i in range(K * q):
+    for j in range(K * q):
+      assert mask[i, j] == (i // q == j // q), (i, j)
+
+
+def test_one_group_is_the_plain_model(plain):
+  config, model, variables = plain
+  grouped = models.build_model(_config(num_groups=1).model)
+  assert jax.tree.structure(train.init_variables(config, grouped, jax.random.PRNGKey(0))) == (
+      jax.tree.structure(variables))
+  images, mask = _inputs()
+  a = model.apply(variables, images, mask, train=True)
+  b = grouped.apply(variables, images, mask, train=True)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  la, _ = losses.set_loss(a, _targets(), config.loss)
+  lb, _ = losses.set_loss(b, _targets(), config.loss, num_query_groups=1)
+  assert float(la) == float(lb)
+
+
+@pytest.mark.parametrize("label_loss", ["softmax_ce", "sigmoid_focal"])
+def test_copied_groups_give_copies_of_the_outputs_and_the_same_loss(plain, label_loss):
+  config, model, variables = plain
+  grouped_config = _config(num_groups=K, label_loss=label_loss)
+  grouped = models.build_model(grouped_config.model)
+  params = _copied_groups(variables["params"], K)
+  fresh = train.init_variables(grouped_config, grouped, jax.random.PRNGKey(0))
+  assert jax.tree.structure(fresh["params"]) == jax.tree.structure(params)
+  images, mask = _inputs()
+  out = model.apply(variables, images, mask, train=True)
+  grouped_out = grouped.apply({**variables, "params": params}, images, mask, train=True)
+  q = config.model.num_queries
+  assert grouped_out["pred_logits"].shape[1] == K * q
+  for k in range(K):
+    np.testing.assert_allclose(grouped_out["pred_logits"][:, k * q:(k + 1) * q],
+                               out["pred_logits"], atol=2e-5)
+    np.testing.assert_allclose(grouped_out["pred_boxes"][:, k * q:(k + 1) * q],
+                               out["pred_boxes"], atol=2e-6)
+  loss_config = grouped_config.loss
+  plain_loss, plain_metrics = losses.set_loss(out, _targets(), loss_config)
+  mean_loss, metrics = losses.set_loss(grouped_out, _targets(), loss_config, num_query_groups=K)
+  np.testing.assert_allclose(float(mean_loss), float(plain_loss), rtol=1e-5)
+  for name in ("loss_ce", "loss_bbox", "loss_giou", "loss_bbox_0"):
+    np.testing.assert_allclose(float(metrics[name]), float(plain_metrics[name]), rtol=1e-5)
+  sum_config = ml_collections.ConfigDict(loss_config.to_dict())
+  sum_config.query_group_losses = "sum"
+  sum_loss, _ = losses.set_loss(grouped_out, _targets(), sum_config, num_query_groups=K)
+  np.testing.assert_allclose(float(sum_loss), K * float(plain_loss), rtol=1e-5)
+
+
+def test_groups_do_not_see_each_other(plain):
+  """Changing group 1's queries leaves group 0's and group 2's training outputs unchanged."""
+  config, _, variables = plain
+  grouped = models.build_model(_config(num_groups=K).model)
+  params = _copied_groups(variables["params"], K)
+  q = config.model.num_queries
+  changed = dict(params)
+  embedding = params["group_query_embed"]["embedding"]
+  changed["group_query_embed"] = {"embedding": embedding.at[:q].add(1.0)}  # group 1
+  images, mask = _inputs()
+  a = grouped.apply({**variables, "params": params}, images, mask, train=True)["pred_logits"]
+  b = grouped.apply({**variables, "params": changed}, images, mask, train=True)["pred_logits"]
+  np.testing.assert_array_equal(a[:, :q], b[:, :q])
+  np.testing.assert_array_equal(a[:, 2 * q:], b[:, 2 * q:])
+  assert np.abs(np.asarray(a[:, q:2 * q] - b[:, q:2 * q])).max() > 1e-3
+
+
+def test_matching_is_one_to_one_within_each_group(plain):
+  """Each group's queries are matched to every target once: split rows are (image, group)."""
+  config, _, variables = plain
+  grouped = models.build_model(_config(num_groups=K).model)
+  fresh = train.init_variables(_config(num_groups=K), grouped, jax.random.PRNGKey(3))
+  images, mask = _inputs()
+  out = grouped.apply(fresh, images, mask, train=True)
+  split, targets = losses.split_query_groups(out, _targets(), K)
+  q = config.model.num_queries
+  assert split["pred_logits"].shape[:2] == (2 * K, q)
+  from detr_jax import matching  # pylint: disable=g-import-not-at-top
+  indices = np.asarray(matching.match(split["pred_logits"][None], split["pred_boxes"][None],
+                                      targets, config.loss))[0]  # [B * K, M]
+  valid = np.asarray(targets["valid"])
+  for row in range(2 * K):
+    # Row b * K + k holds group k of image b, and its targets are image b's.
+    np.testing.assert_array_equal(np.asarray(split["pred_logits"][row]),
+                                  np.asarray(out["pred_logits"][row // K, (row % K) * q:
+                                                                 (row % K + 1) * q]))
+    matched = indices[row][valid[row]]
+    assert len(set(matched)) == valid[row].sum() and (matched >= 0).all()
+
+
+def test_inference_uses_group_0_and_published_weights_load(plain, tmp_path):
+  config, model, variables = plain
+  grouped_config = _config(num_groups=K)
+  grouped = models.build_model(grouped_config.model)
+  trained = train.init_variables(grouped_config, grouped, jax.random.PRNGKey(4))
+  images, mask = _inputs()
+  out = grouped.apply(trained, images, mask, train=False)
+  assert out["pred_logits"].shape[1] == config.model.num_queries
+  plain_view = {**trained, "params": {k: v for k, v in trained["params"].items()
+                                      if k != "group_query_embed"}}
+  np.testing.assert_array_equal(out["pred_logits"],
+                                model.apply(plain_view, images, mask)["pred_logits"])
+  # Plain (published) weights evaluate and predict with a Group-DETR config...
+  np.testing.assert_array_equal(
+      grouped.apply(variables, images, mask)["pred_logits"],
+      model.apply(variables, images, mask)["pred_logits"])
+  detector = predict.Detector(grouped_config, variables, {i: str(i) for i in range(6)},
+                              mesh=parallel.create_mesh(jax.devices()[:1]))
+  assert detector.run([detector.prepare(np.zeros((64, 64, 3), np.uint8))])[0].scores.shape == (
+      config.model.num_queries,)
+  # ...initialise its training (the extra groups start fresh), and a group-trained checkpoint
+  # fine-tunes a plain model and exports as the plain model.
+  merged, _ = checkpointing.merge_pretrained(trained["params"], variables["params"])
+  np.testing.assert_array_equal(merged["group_query_embed"]["embedding"],
+                                trained["params"]["group_query_embed"]["embedding"])
+  merged, _ = checkpointing.merge_pretrained(variables["params"], trained["params"])
+  assert "group_query_embed" not in merged
+  state_dict = export.to_state_dict(jax.device_get(trained), "official")
+  assert not [k for k in state_dict if "group" in k]
+  assert state_dict["query_embed.weight"].shape == (config.model.num_queries,
+                                                    config.model.hidden_dim)
+
+
+def test_group_train_step_on_8_devices_with_focal_loss():
+  config = _config(num_groups=K, label_loss="sigmoid_focal")
+  mesh = train.create_mesh(jax.devices())
+  model, tx, labels, schedules = train.build(config, mesh, total_steps=10)
+  variables = train.init_variables(config, model, jax.random.PRNGKey(0))
+  state = train.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(1), variables)
+  step = train.make_train_step(config, model, tx, labels, mesh, schedules)
+  rng = np.random.default_rng(0)
+  b, m = config.batch_size, config.dataset.max_boxes
+  batch = {"images": rng.normal(size=(b, 64, 64, 3)).astype(np.float32),
+           "pixel_mask": np.ones((b, 64, 64), bool),
+           "labels": rng.integers(0, 6, (b, m)).astype(np.int32),
+           "boxes": np.concatenate([rng.uniform(0.3, 0.7, (b, m, 2)),
+                                    rng.uniform(0.1, 0.3, (b, m, 2))], -1).astype(np.float32),
+           "valid": np.arange(m)[None].repeat(b, 0) < 3}
+  before = np.asarray(state.params["group_query_embed"]["embedding"]).copy()
+  state, metrics = step(state, train.global_batch(batch, mesh))
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0.0
+  # The extra groups are trained.
+  assert np.abs(np.asarray(state.params["group_query_embed"]["embedding"]) - before).max() > 0

@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Group DETR (Chen et al. 2022): K groups of num_queries queries in training, self-attention
   # within each group, one-to-one matching per group; inference uses group 0. 1: plain DETR.
   model.num_query_groups = 1
+  # H-DETR's one-to-many branch: this many more queries in training, matched against the targets
+  # repeated loss.one_to_many_k times; not used at inference. 0: off.
+  model.one_to_many_queries = 0
   model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
   model.attention_implementation = None  # None (XLA) | "cudnn" (jax.nn.dot_product_attention)
   # 1x1 convolutions: "auto" (a matmul on CPU, where XLA's 1x1 convolution gradients are slow;
@@ -68,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   loss.varifocal_alpha = 0.75  # varifocal only (RT-DETR's value)
   loss.aux_loss = True
   loss.query_group_losses = "mean"  # Group DETR: mean | sum of the groups' losses
+  loss.one_to_many_k = 6  # H-DETR: targets repeated k times for the one-to-many queries
+  loss.one_to_many_weight = 1.0  # H-DETR: weight of the one-to-many branch's loss
 
   # --- Data (detr_jax.data) ---
   config.dataset = ds = ml_collections.ConfigDict()

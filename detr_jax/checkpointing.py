@@ -169,9 +169,10 @@ def merge_pretrained(
   """
   fresh_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh), sep="/")
   loaded_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
-  # Group DETR's training-only query groups carry over only to a model that has them.
+  # Training-only queries (Group DETR, H-DETR) carry over only to a model that has them.
+  training_only = ("group_query_embed/", "one_to_many_query_embed/")
   loaded_flat = {k: v for k, v in loaded_flat.items()
-                 if k in fresh_flat or not k.startswith("group_query_embed/")}
+                 if k in fresh_flat or not k.startswith(training_only)}
   unknown = sorted(set(loaded_flat) - set(fresh_flat))
   if unknown:
     raise ValueError(

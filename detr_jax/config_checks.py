@@ -157,6 +157,13 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str | None = 
         f"config.model.num_queries={num_queries} is smaller than config.dataset.max_boxes="
         f"{max_boxes}: one-to-one matching cannot give every target box a query; set "
         f"--config.model.num_queries={max_boxes} or more (or lower --config.dataset.max_boxes).")
+  one_to_many = int(config.model.get("one_to_many_queries", 0))
+  k = int(config.loss.get("one_to_many_k", 6))
+  if one_to_many and one_to_many < k * max_boxes:
+    raise ConfigError(
+        f"config.model.one_to_many_queries={one_to_many} is smaller than config.loss."
+        f"one_to_many_k * config.dataset.max_boxes = {k} * {max_boxes}: the repeated targets "
+        f"need a query each; set --config.model.one_to_many_queries={k * max_boxes} or more.")
   accum = int(config.optimizer.get("grad_accum_steps", 1))
   if accum < 1:
     raise ConfigError(f"config.optimizer.grad_accum_steps={accum} must be >= 1.")

@@ -160,8 +160,8 @@ def to_state_dict(variables: Mapping[str, Any], fmt: str,
       out[f"{name}.layers.{layer}.{_leaf_name(leaf)}"] = _torch_value("linear", leaf, value)
     elif top == "query_embed":
       out[("model.query_position_embeddings" if hf else "query_embed") + ".weight"] = value
-    elif top == "group_query_embed":
-      continue  # Group DETR's training-only query groups: the exported model is group 0
+    elif top in ("group_query_embed", "one_to_many_query_embed"):
+      continue  # training-only queries (models.TRAINING_ONLY_PARAMS): exported is the plain model
     elif top == "input_proj":
       name = "model.input_projection" if hf else "input_proj"
       out[f"{name}.{_leaf_name(leaf)}"] = _torch_value("conv", leaf, value)

@@ -300,3 +300,29 @@ def set_loss(outputs, targets, loss_config, axis_name=None, num_query_groups: in
     for i in range(num_outputs - 1):
       metrics[f"{name}_{i}"] = values[i]
   return total, metrics
+
+
+def one_to_many_targets(targets, k: int):
+  """H-DETR's one-to-many targets: every image's target slots repeated k times ([B, k * M])."""
+  return {name: jnp.tile(value, (1, k) + (1,) * (value.ndim - 2))
+          for name, value in targets.items()}
+
+
+def training_loss(outputs, targets, loss_config, axis_name=None, num_query_groups: int = 1):
+  """The training objective of a model's outputs: `set_loss` of the one-to-one queries (Group DETR
+  groups included), plus, when the outputs have a "one_to_many" branch (H-DETR, Jia et al.,
+  "DETRs with Hybrid Matching"), `loss_config.one_to_many_weight` times the set loss of that
+  branch against the targets repeated `loss_config.one_to_many_k` times, matched with the same
+  matcher. The branch's terms are logged with an "o2m_" prefix.
+  """
+  total, metrics = set_loss(outputs, targets, loss_config, axis_name, num_query_groups)
+  if "one_to_many" in outputs:
+    k = int(loss_config.get("one_to_many_k", 6))
+    weight = float(loss_config.get("one_to_many_weight", 1.0))
+    if k < 1:
+      raise ValueError(f"config.loss.one_to_many_k={k}: use 1 or more.")
+    o2m_total, o2m_metrics = set_loss(outputs["one_to_many"], one_to_many_targets(targets, k),
+                                      loss_config, axis_name)
+    total = total + weight * o2m_total
+    metrics.update({f"o2m_{name}": value for name, value in o2m_metrics.items()})
+  return total, metrics

@@ -179,9 +179,9 @@ def check_variables(variables: dict, config: ml_collections.ConfigDict, model) -
   expected = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), np.zeros((1, height, width, 3), np.float32),
       np.ones((1, height, width), bool), train=False))
-  # Group DETR's extra query groups are for training only: inference neither reads nor needs them.
-  training_only = lambda tree: {k: v for k, v in tree.items()
-                                if not k.startswith("params/group_query_embed/")}
+  # Training-only queries (Group DETR, H-DETR): inference neither reads nor needs them.
+  training_only = lambda tree: {k: v for k, v in tree.items() if not any(
+      k.startswith(f"params/{name}/") for name in models.TRAINING_ONLY_PARAMS)}
   got = training_only(_flatten({c: variables.get(c, {}) for c in ("params", "batch_stats")}))
   want = training_only(_flatten({c: expected.get(c, {}) for c in ("params", "batch_stats")}))
   num_classes = config.model.num_classes

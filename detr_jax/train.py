@@ -122,8 +122,8 @@ def make_train_step(config, model, tx, labels, mesh, schedules):
                           batch["images"], batch["pixel_mask"], train=True,
                           rngs={"dropout": rng})
     targets = {"labels": batch["labels"], "boxes": batch["boxes"], "valid": batch["valid"]}
-    return losses.set_loss(outputs, targets, loss_config, axis_name="data",
-                           num_query_groups=int(config.model.get("num_query_groups", 1)))
+    return losses.training_loss(outputs, targets, loss_config, axis_name="data",
+                                num_query_groups=int(config.model.get("num_query_groups", 1)))
 
   def device_grads(params, batch_stats, batch, rng):
     # Different dropout masks on every device.

@@ -14,6 +14,8 @@ Variables (flax names; Dense kernels [in, out], Conv kernels HWIO):
   params/transformer/decoder_norm
   params/query_embed/embedding [Q, D]; params/class_embed; params/bbox_embed/layers_{0,1,2}
   params/group_query_embed/embedding [(K - 1) * Q, D]   (Group DETR, num_query_groups K > 1)
+  params/one_to_many_query_embed/embedding [Q2, D]      (H-DETR, one_to_many_queries Q2 > 0)
+  (these two are training only: `TRAINING_ONLY_PARAMS`)
   params/position_embedding/{row_embed,col_embed}/embedding [50, D/2]   (learned only)
   batch_stats/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias,mean,var}  (frozen BatchNorm)
 
@@ -31,6 +33,8 @@ from detr_jax.models.detr import DETR
 from detr_jax.models.detr import DTYPES
 from detr_jax.models.detr import POSITION_EMBEDDINGS
 
+# Parameters used in training only; inference, export and published weights do without them.
+TRAINING_ONLY_PARAMS = ("group_query_embed", "one_to_many_query_embed")
 # Parameter groups of `param_labels`, the optimizer's keys.
 FROZEN, BACKBONE, TRANSFORMER = "frozen", "backbone", "transformer"
 TRAIN_BACKBONE_FROM = ("stem", "layer1", "layer2", "layer3", "layer4", "none")
@@ -74,6 +78,10 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   if num_query_groups < 1:
     raise ValueError(f"config.model.num_query_groups={num_query_groups}: use 1 (plain DETR) or "
                      "more (Group DETR).")
+  one_to_many_queries = int(cfg.get("one_to_many_queries", 0))
+  if one_to_many_queries < 0:
+    raise ValueError(f"config.model.one_to_many_queries={one_to_many_queries}: use 0 (off) or "
+                     "more (H-DETR's one-to-many branch).")
   return DETR(
       backbone=cfg.backbone,
       dilation=bool(cfg.get("dilation", False)),
@@ -91,6 +99,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       attention_implementation=implementation,
       conv_implementation=conv_implementation,
       num_query_groups=num_query_groups,
+      one_to_many_queries=one_to_many_queries,
       dtype=DTYPES[dtype_name])
 
 

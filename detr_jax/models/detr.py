@@ -20,11 +20,17 @@ POSITION_EMBEDDINGS = ("sine", "learned")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def block_attention_mask(sizes) -> jax.Array:
+  """bool [N, N], N = sum(sizes): True where two queries are in the same block of consecutive
+  queries of the given sizes (the decoder self-attention mask of query groups)."""
+  block = jnp.concatenate([jnp.full((n,), i, jnp.int32) for i, n in enumerate(sizes)])
+  return block[:, None] == block[None, :]
+
+
 def group_attention_mask(num_groups: int, num_queries: int) -> jax.Array:
   """bool [K * Q, K * Q]: True where two queries are in the same group (Group DETR's decoder
   self-attention mask; queries are laid out group after group)."""
-  group = jnp.arange(num_groups * num_queries) // num_queries
-  return group[:, None] == group[None, :]
+  return block_attention_mask([num_queries] * num_groups)
 
 
 def validate_inputs(images: jax.Array, pixel_mask: jax.Array) -> None:
@@ -83,6 +89,7 @@ class DETR(nn.Module):
   attention_implementation: Optional[str] = None
   conv_implementation: str = "auto"
   num_query_groups: int = 1
+  one_to_many_queries: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -95,7 +102,10 @@ class DETR(nn.Module):
       pixel_mask: bool [B, H, W], True on real pixels (images are padded bottom/right).
       train: enables dropout (needs rngs={"dropout": key}); with num_query_groups K > 1, also
         decodes the K - 1 extra query groups (Group DETR), so outputs have K * Q queries, group
-        after group, group 0 first; without `train`, group 0 only.
+        after group, group 0 first; without `train`, group 0 only. With one_to_many_queries
+        Q2 > 0 (H-DETR's one-to-many branch), also decodes Q2 more queries, returned apart as
+        "one_to_many" (a dict like the outputs); they and the one-to-one queries do not attend
+        to each other.
 
     Returns:
       dict with pred_logits float32 [B, Q, num_classes + 1], pred_boxes float32 [B, Q, 4]
@@ -128,17 +138,29 @@ class DETR(nn.Module):
                       features)
     query_embed = nn.Embed(self.num_queries, d_model, embedding_init=nn.initializers.normal(1.0),
                            name="query_embed").embedding  # [Q, D]
-    query_mask = None
-    if self.num_query_groups > 1 and (train or self.is_initializing()):
-      # Group DETR (Chen et al. 2022): K - 1 more groups of queries, trained only. Group 0 is
-      # `query_embed`, so published weights load unchanged and inference is the plain model
-      # (it neither reads nor needs group_query_embed).
-      extra = nn.Embed((self.num_query_groups - 1) * self.num_queries, d_model,
-                       embedding_init=nn.initializers.normal(1.0),
-                       name="group_query_embed").embedding
+    # Training-only queries (Group DETR's extra groups, H-DETR's one-to-many queries) come after
+    # `query_embed`; inference uses `query_embed` alone, so published weights load unchanged and
+    # inference is the plain model (it neither reads nor needs the extra parameters).
+    blocks = [self.num_queries]
+    extra_queries = (train or self.is_initializing())
+    if self.num_query_groups > 1 and extra_queries:
+      # Group DETR (Chen et al. 2022): K - 1 more groups of num_queries queries.
+      groups = nn.Embed((self.num_query_groups - 1) * self.num_queries, d_model,
+                        embedding_init=nn.initializers.normal(1.0),
+                        name="group_query_embed").embedding
       if train:
-        query_embed = jnp.concatenate([query_embed, extra], axis=0)  # [K * Q, D]
-        query_mask = group_attention_mask(self.num_query_groups, self.num_queries)
+        query_embed = jnp.concatenate([query_embed, groups], axis=0)  # [K * Q, D]
+        blocks += [self.num_queries] * (self.num_query_groups - 1)
+    num_one_to_one = sum(blocks)
+    if self.one_to_many_queries > 0 and extra_queries:
+      # H-DETR (Jia et al. 2023), hybrid matching: queries trained one-to-many.
+      one_to_many = nn.Embed(self.one_to_many_queries, d_model,
+                             embedding_init=nn.initializers.normal(1.0),
+                             name="one_to_many_query_embed").embedding
+      if train:
+        query_embed = jnp.concatenate([query_embed, one_to_many], axis=0)
+        blocks.append(self.one_to_many_queries)
+    query_mask = block_attention_mask(blocks) if len(blocks) > 1 else None
     hidden = transformer_lib.Transformer(
         num_heads=self.num_heads, enc_layers=self.enc_layers, dec_layers=self.dec_layers,
         dim_feedforward=self.dim_feedforward, dropout=self.dropout, pre_norm=self.pre_norm,
@@ -160,10 +182,17 @@ class DETR(nn.Module):
     boxes = MLP(d_model, 4, 3, self.dtype, name="bbox_embed")(hidden)
     logits = logits.astype(jnp.float32)
     boxes = jax.nn.sigmoid(boxes.astype(jnp.float32))
-    aux = ([{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(self.dec_layers - 1)]
-           if self.aux_loss else [])
-    outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
+
+    def as_outputs(logits, boxes):
+      aux = ([{"pred_logits": logits[i], "pred_boxes": boxes[i]}
+              for i in range(self.dec_layers - 1)] if self.aux_loss else [])
+      return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
+
+    outputs = as_outputs(logits[:, :, :num_one_to_one], boxes[:, :, :num_one_to_one])
+    if logits.shape[2] > num_one_to_one:
+      outputs["one_to_many"] = as_outputs(logits[:, :, num_one_to_one:],
+                                          boxes[:, :, num_one_to_one:])
     if capture_attention:
-      outputs["attention"] = attention.reshape(batch, -1, height, width)
+      outputs["attention"] = attention.reshape(batch, -1, height, width)[:, :num_one_to_one]
       outputs["feature_mask"] = mask
     return outputs

@@ -1,9 +1,13 @@
-"""Group DETR (`config.model.num_query_groups = K`): K groups of queries in training, decoder
-self-attention within each group, one-to-one matching per group, group 0 alone at inference.
+"""The training-only query variants: Group DETR (`config.model.num_query_groups = K`: K groups
+of queries in training, decoder self-attention within each group, one-to-one matching per group)
+and H-DETR's one-to-many branch (`config.model.one_to_many_queries`, targets repeated
+`config.loss.one_to_many_k` times); inference uses `query_embed` alone.
 
-The closed form used throughout: a K-group model whose extra groups are copies of group 0 must
-output K identical copies of the plain model's training output (no group sees another), and its
-mean-over-groups loss must equal the plain loss exactly (the sum K times it).
+The closed forms used: a K-group model whose extra groups are copies of group 0 outputs K
+identical copies of the plain model's training output (no group sees another), and its
+mean-over-groups loss equals the plain loss (the sum K times it); a one-to-many branch that
+copies the one-to-one queries with k = 1 is a second one-to-one branch, so the loss is
+(1 + weight) times the plain loss.
 """
 
 import jax
@@ -25,9 +29,12 @@ from detr_jax.models import detr as detr_lib
 K = 3
 
 
-def _config(num_groups=1, label_loss="softmax_ce"):
+def _config(num_groups=1, label_loss="softmax_ce", one_to_many=0, k=1, weight=1.0):
   config = tiny_test.get_config()
   config.model.num_query_groups = num_groups
+  config.model.one_to_many_queries = one_to_many
+  config.loss.one_to_many_k = k
+  config.loss.one_to_many_weight = weight
   config.loss.label_loss = label_loss
   if label_loss != "softmax_ce":
     config.loss.class_cost_type = "focal"
@@ -195,8 +202,74 @@ def test_inference_uses_group_0_and_published_weights_load(plain, tmp_path):
                                                     config.model.hidden_dim)
 
 
+def test_one_to_many_with_k_1_is_a_second_one_to_one_branch(plain):
+  config, model, variables = plain
+  q = config.model.num_queries
+  o2m_config = _config(one_to_many=q, k=1, weight=0.5)
+  o2m_model = models.build_model(o2m_config.model)
+  params = dict(variables["params"])
+  params["one_to_many_query_embed"] = {"embedding": params["query_embed"]["embedding"]}
+  fresh = train.init_variables(o2m_config, o2m_model, jax.random.PRNGKey(0))
+  assert jax.tree.structure(fresh["params"]) == jax.tree.structure(params)
+  images, mask = _inputs()
+  out = model.apply(variables, images, mask, train=True)
+  o2m_out = o2m_model.apply({**variables, "params": params}, images, mask, train=True)
+  assert o2m_out["pred_logits"].shape[1] == q and o2m_out["one_to_many"]["pred_logits"].shape[1] == q
+  for branch in (o2m_out, o2m_out["one_to_many"]):
+    np.testing.assert_allclose(branch["pred_logits"], out["pred_logits"], atol=2e-5)
+    np.testing.assert_allclose(branch["aux_outputs"][0]["pred_boxes"],
+                               out["aux_outputs"][0]["pred_boxes"], atol=2e-6)
+  plain_loss, _ = losses.set_loss(out, _targets(), o2m_config.loss)
+  total, metrics = losses.training_loss(o2m_out, _targets(), o2m_config.loss)
+  np.testing.assert_allclose(float(total), 1.5 * float(plain_loss), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["o2m_loss_giou"]), float(metrics["loss_giou"]),
+                             rtol=1e-5)
+
+
+def test_one_to_many_targets_repeat_each_image_k_times():
+  targets = _targets()
+  repeated = losses.one_to_many_targets(targets, 3)
+  m = targets["labels"].shape[1]
+  assert repeated["boxes"].shape == (2, 3 * m, 4)
+  for i in range(3):
+    for name in targets:
+      np.testing.assert_array_equal(repeated[name][:, i * m:(i + 1) * m], targets[name])
+
+
+def test_one_to_many_queries_do_not_disturb_the_one_to_one_ones(plain):
+  config, _, variables = plain
+  both = _config(num_groups=2, one_to_many=24, k=3)
+  model = models.build_model(both.model)
+  trained = train.init_variables(both, model, jax.random.PRNGKey(6))
+  changed = {**trained, "params": dict(trained["params"])}
+  changed["params"]["one_to_many_query_embed"] = {
+      "embedding": trained["params"]["one_to_many_query_embed"]["embedding"] + 1.0}
+  images, mask = _inputs()
+  a = model.apply(trained, images, mask, train=True)
+  b = model.apply(changed, images, mask, train=True)
+  assert a["pred_logits"].shape[1] == 2 * config.model.num_queries
+  assert a["one_to_many"]["pred_logits"].shape[1] == 24
+  np.testing.assert_array_equal(a["pred_logits"], b["pred_logits"])
+  assert np.abs(np.asarray(a["one_to_many"]["pred_logits"] -
+                           b["one_to_many"]["pred_logits"])).max() > 1e-3
+  # Inference: the plain model's queries only, no branch; exported without the extra queries.
+  out = model.apply(trained, images, mask)
+  assert "one_to_many" not in out and out["pred_logits"].shape[1] == config.model.num_queries
+  state_dict = export.to_state_dict(jax.device_get(trained), "official")
+  assert not [k for k in state_dict if "one_to_many" in k or "group" in k]
+  merged, _ = checkpointing.merge_pretrained(variables["params"], trained["params"])
+  assert set(merged) == set(variables["params"])
+
+
+def test_one_to_many_needs_a_query_per_repeated_target():
+  from detr_jax import config_checks  # pylint: disable=g-import-not-at-top
+  config = _config(one_to_many=20, k=3)  # max_boxes 8: 24 repeated targets
+  with pytest.raises(config_checks.ConfigError, match="config.model.one_to_many_queries=20"):
+    config_checks.check_train_config(config, num_devices=8)
+
+
 def test_group_train_step_on_8_devices_with_focal_loss():
-  config = _config(num_groups=K, label_loss="sigmoid_focal")
+  config = _config(num_groups=K, label_loss="sigmoid_focal", one_to_many=24, k=3)
   mesh = train.create_mesh(jax.devices())
   model, tx, labels, schedules = train.build(config, mesh, total_steps=10)
   variables = train.init_variables(config, model, jax.random.PRNGKey(0))
@@ -210,8 +283,11 @@ def test_group_train_step_on_8_devices_with_focal_loss():
            "boxes": np.concatenate([rng.uniform(0.3, 0.7, (b, m, 2)),
                                     rng.uniform(0.1, 0.3, (b, m, 2))], -1).astype(np.float32),
            "valid": np.arange(m)[None].repeat(b, 0) < 3}
-  before = np.asarray(state.params["group_query_embed"]["embedding"]).copy()
+  names = ("group_query_embed", "one_to_many_query_embed")
+  before = {n: np.asarray(state.params[n]["embedding"]).copy() for n in names}
   state, metrics = step(state, train.global_batch(batch, mesh))
   assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0.0
-  # The extra groups are trained.
-  assert np.abs(np.asarray(state.params["group_query_embed"]["embedding"]) - before).max() > 0
+  assert np.isfinite(float(metrics["o2m_loss_ce"]))
+  # The extra groups and the one-to-many queries are trained.
+  for n in names:
+    assert np.abs(np.asarray(state.params[n]["embedding"]) - before[n]).max() > 0, n

@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model = ml_collections.ConfigDict()
   model.backbone = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
   model.dilation = False  # DC5: dilation instead of stride in the last stage
+  # frozen_bn (official; the only one published weights load into) | group_norm (trained
+  # GroupNorm, 32 groups: for a backbone trained from scratch)
+  model.backbone_norm = "frozen_bn"
   model.train_backbone_from = "layer2"  # stem and layer1 frozen as in the official recipe
   model.position_embedding = "sine"  # sine | learned
   model.hidden_dim = 256

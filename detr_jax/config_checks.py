@@ -169,6 +169,13 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str | None = 
     raise ConfigError(f"config.optimizer.grad_accum_steps={accum} must be >= 1.")
   for name in ("init_from", "backbone_init"):
     check_path_exists(config, name)
+  if config.model.get("backbone_norm", "frozen_bn") != "frozen_bn" and config.get(
+      "backbone_init", ""):
+    raise ConfigError(
+        f"config.backbone_init={config.backbone_init!r} holds BatchNorm statistics, which "
+        f"config.model.backbone_norm={config.model.backbone_norm!r} has no place for: use "
+        "--config.model.backbone_norm=frozen_bn with pretrained weights, or "
+        "--config.backbone_init='' to train the backbone from scratch.")
   if workdir is not None:
     check_workdir(workdir)
 

@@ -18,6 +18,8 @@ Variables (flax names; Dense kernels [in, out], Conv kernels HWIO):
   (these two are training only: `TRAINING_ONLY_PARAMS`)
   params/position_embedding/{row_embed,col_embed}/embedding [50, D/2]   (learned only)
   batch_stats/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias,mean,var}  (frozen BatchNorm)
+  params/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias}  instead, trained, with
+    model.backbone_norm="group_norm" (GroupNorm, 32 groups)
 
 `detr_jax.convert` maps the official and Hugging Face state_dicts onto this tree.
 """
@@ -78,6 +80,10 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   if num_query_groups < 1:
     raise ValueError(f"config.model.num_query_groups={num_query_groups}: use 1 (plain DETR) or "
                      "more (Group DETR).")
+  backbone_norm = cfg.get("backbone_norm", "frozen_bn")
+  if backbone_norm not in resnet.BACKBONE_NORMS:
+    raise ValueError(f"Unknown config.model.backbone_norm {backbone_norm!r}; use one of "
+                     f"{resnet.BACKBONE_NORMS}.")
   one_to_many_queries = int(cfg.get("one_to_many_queries", 0))
   if one_to_many_queries < 0:
     raise ValueError(f"config.model.one_to_many_queries={one_to_many_queries}: use 0 (off) or "
@@ -100,6 +106,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       conv_implementation=conv_implementation,
       num_query_groups=num_query_groups,
       one_to_many_queries=one_to_many_queries,
+      backbone_norm=backbone_norm,
       dtype=DTYPES[dtype_name])
 
 

@@ -90,6 +90,7 @@ class DETR(nn.Module):
   conv_implementation: str = "auto"
   num_query_groups: int = 1
   one_to_many_queries: int = 0
+  backbone_norm: str = "frozen_bn"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -118,7 +119,8 @@ class DETR(nn.Module):
     validate_inputs(images, pixel_mask)
     d_model = self.hidden_dim
     features = resnet.ResNet(self.backbone, self.dilation, self.dtype,
-                             self.conv_implementation, name="backbone")(images)
+                             self.conv_implementation, self.backbone_norm,
+                             name="backbone")(images)
     batch, height, width, channels = features.shape
     mask = position_encoding.downsample_mask(pixel_mask, (height, width))  # [B, h, w]
 

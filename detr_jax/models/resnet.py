@@ -66,6 +66,23 @@ class FrozenBatchNorm(nn.Module):
     return x * folded_scale.astype(self.dtype) + folded_bias.astype(self.dtype)
 
 
+BACKBONE_NORMS = ("frozen_bn", "group_norm")
+GROUP_NORM_GROUPS = 32
+
+
+def norm_layer(kind: str, dtype: Any, name: str) -> nn.Module:
+  """The backbone's normalisation: "frozen_bn" (torchvision `FrozenBatchNorm2d`, the official
+  DETR's and the only one published weights load into) or "group_norm" (GroupNorm with 32 groups,
+  trained, for a backbone trained from scratch: frozen BatchNorm at its identity init is no
+  normalisation at all)."""
+  if kind == "frozen_bn":
+    return FrozenBatchNorm(dtype, name=name)
+  if kind == "group_norm":
+    return nn.GroupNorm(num_groups=GROUP_NORM_GROUPS, epsilon=FROZEN_BN_EPS, dtype=dtype,
+                        param_dtype=jnp.float32, name=name)
+  raise ValueError(f"Unknown config.model.backbone_norm {kind!r}; use one of {BACKBONE_NORMS}.")
+
+
 def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str = "",
           dtype: Any = jnp.float32, implementation: str = "auto") -> nn.Conv:
   # PyTorch padding (dilation * (k - 1) // 2 on each side), never "SAME": odd input sizes must give
@@ -85,18 +102,19 @@ class BasicBlock(nn.Module):
   downsample: bool = False
   dtype: Any = jnp.float32
   conv_implementation: str = "auto"  # see detr_jax.models.conv
+  norm: str = "frozen_bn"  # see norm_layer
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     identity = x
     conv = functools.partial(_conv, dtype=self.dtype, implementation=self.conv_implementation)
     y = conv(self.width, 3, self.stride, self.dilation, "conv1")(x)
-    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = nn.relu(norm_layer(self.norm, self.dtype, "bn1")(y))
     y = conv(self.width, 3, 1, self.dilation, "conv2")(y)
-    y = FrozenBatchNorm(self.dtype, name="bn2")(y)
+    y = norm_layer(self.norm, self.dtype, "bn2")(y)
     if self.downsample:
       identity = conv(self.width, 1, self.stride, 1, "downsample_conv")(x)
-      identity = FrozenBatchNorm(self.dtype, name="downsample_bn")(identity)
+      identity = norm_layer(self.norm, self.dtype, "downsample_bn")(identity)
     return nn.relu(y + identity)
 
 
@@ -108,20 +126,21 @@ class Bottleneck(nn.Module):
   downsample: bool = False
   dtype: Any = jnp.float32
   conv_implementation: str = "auto"  # see detr_jax.models.conv
+  norm: str = "frozen_bn"  # see norm_layer
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     identity = x
     conv = functools.partial(_conv, dtype=self.dtype, implementation=self.conv_implementation)
     y = conv(self.width, 1, name="conv1")(x)
-    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = nn.relu(norm_layer(self.norm, self.dtype, "bn1")(y))
     y = conv(self.width, 3, self.stride, self.dilation, "conv2")(y)
-    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn2")(y))
+    y = nn.relu(norm_layer(self.norm, self.dtype, "bn2")(y))
     y = conv(self.width * 4, 1, name="conv3")(y)
-    y = FrozenBatchNorm(self.dtype, name="bn3")(y)
+    y = norm_layer(self.norm, self.dtype, "bn3")(y)
     if self.downsample:
       identity = conv(self.width * 4, 1, self.stride, 1, "downsample_conv")(x)
-      identity = FrozenBatchNorm(self.dtype, name="downsample_bn")(identity)
+      identity = norm_layer(self.norm, self.dtype, "downsample_bn")(identity)
     return nn.relu(y + identity)
 
 
@@ -134,11 +153,13 @@ class ResNet(nn.Module):
       `replace_stride_with_dilation=[False, False, True]`.
     dtype: compute dtype.
     conv_implementation: "auto" | "xla" | "dot", see `detr_jax.models.conv`.
+    norm: "frozen_bn" | "group_norm", see `norm_layer`.
   """
   arch: str = "resnet50"
   dilation: bool = False
   dtype: Any = jnp.float32
   conv_implementation: str = "auto"
+  norm: str = "frozen_bn"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -156,7 +177,7 @@ class ResNet(nn.Module):
                 kernel_init=_conv_init, dtype=self.dtype, param_dtype=jnp.float32,
                 conv_general_dilated=conv_lib.conv_general_dilated(self.conv_implementation),
                 name="conv1")(x)
-    x = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(x))
+    x = nn.relu(norm_layer(self.norm, self.dtype, "bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
 
     in_channels = 64
@@ -177,6 +198,7 @@ class ResNet(nn.Module):
             downsample=first and (stride != 1 or in_channels != width * expansion),
             dtype=self.dtype,
             conv_implementation=self.conv_implementation,
+            norm=self.norm,
             name=f"layer{stage + 1}_{j}")(x)
         in_channels = width * expansion
     return x

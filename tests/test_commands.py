@@ -73,6 +73,8 @@ BENCHMARKS = (
 )
 CONFIG_ERROR = ("python -m detr_jax.main --config configs/tiny_test.py --workdir /tmp/w "
                 "--config.model.num_querys=20")
+CONVERGENCE = ("PYTHONPATH=. python experiments/convergence.py --minutes 6 --evals 4 "
+               "--output /tmp/convergence")
 CHAOS = "PYTHONPATH=. python experiments/chaos_resume.py --kills 12"
 PADDING_SHIFT = ("PYTHONPATH=. python experiments/padding_shift.py --config configs/detr_r50_coco.py "
                  "--checkpoint /tmp/detr_r50 --num 50")
@@ -88,21 +90,21 @@ CI_COMMANDS = (
     "python3 -m venv .venv && source .venv/bin/activate",
     "pip install torch==2.13.0",
     CI_INSTALL,
-    "pytest -q tests",
+    "pytest -q -n 2 tests",
 )
 NOT_RUN = {
     'pip install -e ".[convert]"': f"a subset of the CI install, {CI_INSTALL}",
     "pip install -e .": f"a subset of the CI install, {CI_INSTALL}",
-    "pytest tests/test_convert.py tests/test_models.py": "part of the CI run, pytest -q tests",
+    "pytest tests/test_convert.py tests/test_models.py": "part of the CI run, pytest -q -n 2 tests",
     "pytest -q tests/test_bad_data.py --hypothesis-show-statistics": "part of the CI run, "
-                                                                     "pytest -q tests",
+                                                                     "pytest -q -n 2 tests",
     'pip install -U "jax[cuda12]"': "installs JAX for NVIDIA GPUs, which this machine lacks",
     "tfds build coco/2017 --data_dir DIR": "downloads COCO, which cannot be reached here; the "
                                            "COCO commands are checked to ask for it",
 }
 RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, *EXPORT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
        EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN, CHAOS,
-       PADDING_SHIFT, CONFIG_ERROR}
+       PADDING_SHIFT, CONFIG_ERROR, CONVERGENCE}
 
 
 def _command_lines(text: str):
@@ -571,3 +573,17 @@ def test_readme_config_error_example(tmp_path):
   shown = re.search(r"```\n(error: .*?)\n```", README.read_text()).group(1)
   assert result.stderr.strip().splitlines()[-1] == shown, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
+
+
+def test_convergence_benchmark(tmp_path, data_dir):
+  """README: the time-to-accuracy benchmark, shortened to seconds on the tiny config."""
+  out = tmp_path / "convergence"
+  result = run_documented(
+      CONVERGENCE, {"/tmp/convergence": str(out)},
+      ["--config", "configs/tiny_test.py", "--minutes", "0.01", "--evals", "1",
+       "--variants", "baseline,group_o2m", "--set", f"dataset.data_dir={data_dir}"])
+  table = (out / "convergence.md").read_text()
+  assert table in result.stdout
+  rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+  assert rows == ["baseline", "group_o2m"], table
+  assert (out / "convergence.png").stat().st_size > 1000

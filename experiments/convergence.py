@@ -1,0 +1,159 @@
+r"""Time to accuracy: trains the baseline and the training variants with the same seed and the same
+time budget, evaluating COCO AP along the way; writes a PNG plot and a markdown table.
+
+Each variant is the config (`--config`, default the shapes demo) plus its overrides:
+  baseline      the config as it is
+  group_detr    Group DETR, model.num_query_groups=3
+  one_to_many   H-DETR's one-to-many branch, model.one_to_many_queries=48, loss.one_to_many_k=4
+  group_norm    model.backbone_norm=group_norm (the shapes backbone trains from scratch)
+  group_o2m     group_detr and one_to_many together
+Training minutes are wall-clock seconds of the train steps (compilation included, as a user
+waits for it), evaluation excluded; the learning-rate schedule runs over `num_train_steps` of the
+config, whatever the budget.
+
+Command:
+  PYTHONPATH=. python experiments/convergence.py --minutes 6 --evals 4 --output /tmp/convergence
+"""
+
+import argparse
+import ast
+import json
+import os
+import runpy
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+VARIANTS = {
+    "baseline": {},
+    "group_detr": {"model.num_query_groups": 3},
+    "one_to_many": {"model.one_to_many_queries": 48, "loss.one_to_many_k": 4},
+    "group_norm": {"model.backbone_norm": "group_norm"},
+    "group_o2m": {"model.num_query_groups": 3, "model.one_to_many_queries": 48,
+                  "loss.one_to_many_k": 4},
+}
+
+
+def _set(config, key, value):
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def _parse(value):
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+
+
+def variant_config(path, overrides, variant):
+  config = runpy.run_path(path)["get_config"]()
+  for key, value in {**overrides, **VARIANTS[variant]}.items():
+    _set(config, key, value)
+  return config
+
+
+def train_for(config, minutes, evals, log):
+  """Trains for `minutes` of train-step time; returns [(minutes, step, metrics)] at each eval."""
+  from detr_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from detr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from detr_jax import train  # pylint: disable=g-import-not-at-top
+  from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config_checks.check_train_config(config)
+  info = input_pipeline.dataset_info(config.dataset)
+  config = train.resolve_config(config, info)
+  mesh = train.create_mesh()
+  total_steps = train.total_train_steps(config)
+  model, tx, labels, schedules = train.build(config, mesh, total_steps)
+  variables = train.init_variables(config, model, jax.random.PRNGKey(config.seed))
+  state = train.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(config.seed + 1),
+                                   variables)
+  step_fn = train.make_train_step(config, model, tx, labels, mesh, schedules)
+  batches = input_pipeline.create_train_iterator(config)
+  budget = minutes * 60.0
+  marks = [budget * (i + 1) / evals for i in range(evals)]
+  curve, seconds, step = [], 0.0, 0
+  while marks and step < total_steps:
+    batch = next(batches)
+    start = time.perf_counter()
+    state, metrics = step_fn(state, train.global_batch(batch, mesh))
+    jax.block_until_ready(metrics["loss"])
+    seconds += time.perf_counter() - start
+    step += 1
+    if seconds >= marks[0] or step == total_steps:
+      marks.pop(0)
+      scores = evaluate.evaluate_coco(config, model, {"params": state.params,
+                                                      "batch_stats": state.batch_stats},
+                                      mesh, info.class_names)
+      curve.append((seconds / 60.0, step, scores))
+      log(f"  {seconds / 60:.2f} min, step {step}, loss {float(metrics['loss']):.3f}: AP "
+          f"{scores['AP']:.3f}, AP50 {scores['AP50']:.3f}")
+  return curve
+
+
+def write_outputs(curves, output, title):
+  os.makedirs(output, exist_ok=True)
+  with open(os.path.join(output, "curves.json"), "w") as f:
+    json.dump(curves, f, indent=1)
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for name, curve in curves.items():
+    minutes = [c[0] for c in curve]
+    for ax, metric in zip(axes, ("AP", "AP50")):
+      ax.plot(minutes, [c[2][metric] for c in curve], marker="o", label=name)
+  for ax, metric in zip(axes, ("AP", "AP50")):
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(os.path.join(output, "convergence.png"), dpi=100)
+  lines = ["| variant | steps | minutes | AP | AP50 | AP75 |", "|---|---|---|---|---|---|"]
+  for name, curve in curves.items():
+    for minutes, step, scores in curve:
+      lines.append(f"| {name} | {step} | {minutes:.2f} | {scores['AP']:.3f} | "
+                   f"{scores['AP50']:.3f} | {scores['AP75']:.3f} |")
+  table = "\n".join(lines) + "\n"
+  with open(os.path.join(output, "convergence.md"), "w") as f:
+    f.write(table)
+  return table
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/shapes.py")
+  parser.add_argument("--minutes", type=float, default=6.0, help="training budget per variant")
+  parser.add_argument("--evals", type=int, default=4, help="evaluations per variant")
+  parser.add_argument("--variants", default="baseline,group_detr,one_to_many,group_norm",
+                      help=f"comma-separated, of {', '.join(VARIANTS)}")
+  parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                      help="overrides for every variant, e.g. dataset.data_dir=DIR")
+  parser.add_argument("--output", default="/tmp/convergence")
+  args = parser.parse_args()
+  names = [v for v in args.variants.split(",") if v]
+  unknown = [v for v in names if v not in VARIANTS]
+  if unknown:
+    parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+  overrides = dict(item.split("=", 1) for item in args.set)
+  overrides = {k: _parse(v) for k, v in overrides.items()}
+  curves = {}
+  for name in names:
+    print(f"{name}: {VARIANTS[name] or 'the config as it is'}", flush=True)
+    config = variant_config(args.config, overrides, name)
+    curves[name] = train_for(config, args.minutes, args.evals, lambda s: print(s, flush=True))
+  title = (f"{os.path.basename(args.config)}, {args.minutes:g} training minutes per variant, "
+           f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+  print(write_outputs(curves, args.output, title))
+  print(f"Wrote {args.output}/convergence.png, convergence.md and curves.json")
+
+
+if __name__ == "__main__":
+  main()

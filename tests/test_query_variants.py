@@ -25,6 +25,7 @@ from detr_jax import parallel
 from detr_jax import predict
 from detr_jax import train
 from detr_jax.models import detr as detr_lib
+import train_steps
 
 K = 3
 
@@ -270,24 +271,9 @@ def test_one_to_many_needs_a_query_per_repeated_target():
 
 def test_group_train_step_on_8_devices_with_focal_loss():
   config = _config(num_groups=K, label_loss="sigmoid_focal", one_to_many=24, k=3)
-  mesh = train.create_mesh(jax.devices())
-  model, tx, labels, schedules = train.build(config, mesh, total_steps=10)
-  variables = train.init_variables(config, model, jax.random.PRNGKey(0))
-  state = train.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(1), variables)
-  step = train.make_train_step(config, model, tx, labels, mesh, schedules)
-  rng = np.random.default_rng(0)
-  b, m = config.batch_size, config.dataset.max_boxes
-  batch = {"images": rng.normal(size=(b, 64, 64, 3)).astype(np.float32),
-           "pixel_mask": np.ones((b, 64, 64), bool),
-           "labels": rng.integers(0, 6, (b, m)).astype(np.int32),
-           "boxes": np.concatenate([rng.uniform(0.3, 0.7, (b, m, 2)),
-                                    rng.uniform(0.1, 0.3, (b, m, 2))], -1).astype(np.float32),
-           "valid": np.arange(m)[None].repeat(b, 0) < 3}
-  names = ("group_query_embed", "one_to_many_query_embed")
-  before = {n: np.asarray(state.params[n]["embedding"]).copy() for n in names}
-  state, metrics = step(state, train.global_batch(batch, mesh))
+  _, before, after, metrics = train_steps.one_step(config)
   assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0.0
   assert np.isfinite(float(metrics["o2m_loss_ce"]))
   # The extra groups and the one-to-many queries are trained.
-  for n in names:
-    assert np.abs(np.asarray(state.params[n]["embedding"]) - before[n]).max() > 0, n
+  for name in ("group_query_embed", "one_to_many_query_embed"):
+    assert np.abs(after[name]["embedding"] - before[name]["embedding"]).max() > 0, name

@@ -57,7 +57,7 @@ _RUNS = {}
 
 def _evaluate(config, variables, class_names, batch_size, num_devices, output_dir, **dataset):
   """evaluate_coco's metrics and its detections.json as {image_id: (size, scores, labels, boxes)}
-  (each setting is run once per test session)."""
+  (each setting is run once per pytest run)."""
   key = (batch_size, num_devices, tuple(sorted(dataset.items())))
   if key not in _RUNS:
     _RUNS[key] = _run_evaluation(config, variables, class_names, batch_size, num_devices,

@@ -170,9 +170,9 @@ def merge_pretrained(
   fresh_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh), sep="/")
   loaded_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
   # Training-only queries (Group DETR, H-DETR) carry over only to a model that has them.
-  training_only = ("group_query_embed/", "one_to_many_query_embed/")
+  from detr_jax import models  # pylint: disable=g-import-not-at-top
   loaded_flat = {k: v for k, v in loaded_flat.items()
-                 if k in fresh_flat or not k.startswith(training_only)}
+                 if k in fresh_flat or k.split("/")[0] not in models.TRAINING_ONLY_PARAMS}
   unknown = sorted(set(loaded_flat) - set(fresh_flat))
   if unknown:
     raise ValueError(

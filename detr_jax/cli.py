@@ -5,7 +5,6 @@ the config does not have (or of the wrong type) and a `config_checks.ConfigError
 `main` print `error: <one line naming the field and the fix>` and exit with status 2.
 """
 
-import runpy
 import sys
 
 from absl import app
@@ -43,14 +42,13 @@ def explain_override_error(argv: list[str], error: Exception) -> str:
   path = _config_path(argv)
   config = None
   if path:
-    file, _, arg = path.partition(":")
     try:
-      get_config = runpy.run_path(file)["get_config"]
-      config = get_config(arg) if arg else get_config()
+      config = config_checks.load_config(path)
     except Exception:  # pylint: disable=broad-except
       config = None
   if config is not None:
-    present = set(config_checks._flatten(config))  # pylint: disable=protected-access
+    file = path.partition(":")[0]
+    present = set(config_checks.flatten(config))
     known = present | config_checks.reference_fields()
     for name in _overrides(argv):
       if name not in present and not any(p.startswith(name + ".") for p in present):

@@ -10,8 +10,10 @@ plus the synthetic-shapes fields of `config.dataset` (`OPTIONAL_FIELDS`); anythi
 misspelling.
 """
 
+import ast
 import difflib
 import os
+import runpy
 import tempfile
 from typing import Any, Iterable
 
@@ -28,13 +30,41 @@ class ConfigError(ValueError):
   """A config that cannot work; the message names the field and the fix, in one line."""
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file; "FILE:ARG" passes ARG (as `--config=FILE:ARG` does)."""
+  file, _, arg = path.partition(":")
+  get_config = runpy.run_path(file)["get_config"]
+  return get_config(arg) if arg else get_config()
+
+
+def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """config["a"]["b"] = value for key "a.b"."""
+  node = config
+  *parents, leaf = key.split(".")
+  for name in parents:
+    node = node[name]
+  node[leaf] = value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, items: Iterable[str]) -> None:
+  """Sets "field.path=VALUE" items in place; VALUE is a Python literal, else a string."""
+  for item in items:
+    key, _, text = item.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    set_field(config, key, value)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{"model.num_queries": value, ...}: a config's leaves by dotted name."""
   out = {}
   items = tree.items() if hasattr(tree, "items") else []
   for key, value in items:
     name = f"{prefix}{key}"
     if isinstance(value, (dict, ml_collections.ConfigDict)):
-      out.update(_flatten(value, name + "."))
+      out.update(flatten(value, name + "."))
     else:
       out[name] = value
   return out
@@ -43,7 +73,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def reference_fields() -> frozenset[str]:
   """Every field name a config may have, dotted ("model.num_queries")."""
   from configs import detr_r50_coco  # pylint: disable=g-import-not-at-top
-  return frozenset(_flatten(detr_r50_coco.get_config())) | OPTIONAL_FIELDS
+  return frozenset(flatten(detr_r50_coco.get_config())) | OPTIONAL_FIELDS
 
 
 def suggest(name: str, known: Iterable[str]) -> str:
@@ -65,7 +95,7 @@ def suggest(name: str, known: Iterable[str]) -> str:
 def check_fields(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for a field no part of the code reads (a misspelling)."""
   known = reference_fields()
-  unknown = sorted(set(_flatten(config)) - known)
+  unknown = sorted(set(flatten(config)) - known)
   if unknown:
     name = unknown[0]
     more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""

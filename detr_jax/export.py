@@ -95,6 +95,7 @@ def to_state_dict(variables: Mapping[str, Any], fmt: str,
     timm_backbone: for "hf", the backbone in the published files' timm (torchvision) names under
       `model.backbone.conv_encoder.model.` instead of transformers' own ResNet.
   """
+  from detr_jax import models  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
     raise ValueError(f"Unknown export format {fmt!r}; use one of {FORMATS}.")
   hf = fmt == "hf"
@@ -160,8 +161,8 @@ def to_state_dict(variables: Mapping[str, Any], fmt: str,
       out[f"{name}.layers.{layer}.{_leaf_name(leaf)}"] = _torch_value("linear", leaf, value)
     elif top == "query_embed":
       out[("model.query_position_embeddings" if hf else "query_embed") + ".weight"] = value
-    elif top in ("group_query_embed", "one_to_many_query_embed"):
-      continue  # training-only queries (models.TRAINING_ONLY_PARAMS): exported is the plain model
+    elif top in models.TRAINING_ONLY_PARAMS:
+      continue  # training-only queries (Group DETR, H-DETR): exported is the plain model
     elif top == "input_proj":
       name = "model.input_projection" if hf else "input_proj"
       out[f"{name}.{_leaf_name(leaf)}"] = _torch_value("conv", leaf, value)
@@ -292,7 +293,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   from detr_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main)

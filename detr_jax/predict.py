@@ -180,8 +180,8 @@ def check_variables(variables: dict, config: ml_collections.ConfigDict, model) -
       jax.random.PRNGKey(0), np.zeros((1, height, width, 3), np.float32),
       np.ones((1, height, width), bool), train=False))
   # Training-only queries (Group DETR, H-DETR): inference neither reads nor needs them.
-  training_only = lambda tree: {k: v for k, v in tree.items() if not any(
-      k.startswith(f"params/{name}/") for name in models.TRAINING_ONLY_PARAMS)}
+  training_only = lambda tree: {k: v for k, v in tree.items()
+                                if k.split("/")[1] not in models.TRAINING_ONLY_PARAMS}
   got = training_only(_flatten({c: variables.get(c, {}) for c in ("params", "batch_stats")}))
   want = training_only(_flatten({c: expected.get(c, {}) for c in ("params", "batch_stats")}))
   num_classes = config.model.num_classes
@@ -533,7 +533,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   from detr_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main)

@@ -366,7 +366,6 @@ if __name__ == "__main__":
   # the same. Set before jax creates a backend.
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   from detr_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main)

@@ -18,7 +18,6 @@ update (clipping + AdamW). Needs the `convert` extra (torch, transformers).
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
 import time
@@ -27,21 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detr_jax import config_checks
 from detr_jax import losses
 from detr_jax import models
 from detr_jax import train
 from detr_jax.models import resnet
 
 
-def _load_config(path):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def make_config(args):
-  config = _load_config(args.config)
+  config = config_checks.load_config(args.config)
   if args.config.endswith("detr_r50_coco.py"):
     config.model.backbone = args.backbone
     config.dataset.buckets = [(args.size, args.size)]

@@ -16,15 +16,11 @@ Command:
 """
 
 import argparse
-import ast
 import json
 import os
-import runpy
 import time
 
 import jax
-import ml_collections
-import numpy as np
 
 VARIANTS = {
     "baseline": {},
@@ -36,25 +32,13 @@ VARIANTS = {
 }
 
 
-def _set(config, key, value):
-  node = config
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
-def _parse(value):
-  try:
-    return ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return value
-
-
 def variant_config(path, overrides, variant):
-  config = runpy.run_path(path)["get_config"]()
-  for key, value in {**overrides, **VARIANTS[variant]}.items():
-    _set(config, key, value)
+  """The config file, then the overrides for every variant ("field=VALUE"), then the variant's."""
+  from detr_jax import config_checks  # pylint: disable=g-import-not-at-top
+  config = config_checks.load_config(path)
+  config_checks.apply_overrides(config, overrides)
+  for key, value in VARIANTS[variant].items():
+    config_checks.set_field(config, key, value)
   return config
 
 
@@ -142,12 +126,10 @@ def main():
   unknown = [v for v in names if v not in VARIANTS]
   if unknown:
     parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-  overrides = dict(item.split("=", 1) for item in args.set)
-  overrides = {k: _parse(v) for k, v in overrides.items()}
   curves = {}
   for name in names:
     print(f"{name}: {VARIANTS[name] or 'the config as it is'}", flush=True)
-    config = variant_config(args.config, overrides, name)
+    config = variant_config(args.config, args.set, name)
     curves[name] = train_for(config, args.minutes, args.evals, lambda s: print(s, flush=True))
   title = (f"{os.path.basename(args.config)}, {args.minutes:g} training minutes per variant, "
            f"{jax.device_count()} {jax.devices()[0].platform} device(s)")

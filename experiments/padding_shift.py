@@ -23,36 +23,20 @@ Command:
 """
 
 import argparse
+
 import jax
 import ml_collections
 import numpy as np
 
+from detr_jax import config_checks
 from detr_jax import models
 from detr_jax import parallel
 from detr_jax import predict
 from detr_jax import train
-from detr_jax.data import input_pipeline
 
 MODES = {"unpadded": dict(eval_padding="image", eval_pad_multiple=1),
          "bucket": dict(eval_padding="bucket"),
          "image-32": dict(eval_padding="image", eval_pad_multiple=32)}
-
-
-def _load_config(path, overrides):
-  import runpy  # pylint: disable=g-import-not-at-top
-  config = runpy.run_path(path)["get_config"]()
-  for item in overrides:
-    key, value = item.split("=", 1)
-    import ast  # pylint: disable=g-import-not-at-top
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
-  return config
 
 
 def _eval_images(config, num):
@@ -83,7 +67,8 @@ def main():
                       help="config overrides, e.g. dataset.eval_size=400")
   args = parser.parse_args()
 
-  config = _load_config(args.config, args.set)
+  config = config_checks.load_config(args.config)
+  config_checks.apply_overrides(config, args.set)
   if args.images:
     files, _ = predict.find_images(args.images)
     images = [predict.read_image(f) for f in files]

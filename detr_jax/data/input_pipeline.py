@@ -159,10 +159,7 @@ def _eval_pad_example(example, ds_config, buckets):
     target_h = (height + multiple - 1) // multiple * multiple
     target_w = (width + multiple - 1) // multiple * multiple
   else:
-    bucket_h = tf.constant([b[0] for b in buckets], tf.int32)
-    bucket_w = tf.constant([b[1] for b in buckets], tf.int32)
-    index = tf.argmax(tf.cast((bucket_h >= height) & (bucket_w >= width), tf.int32))
-    target_h, target_w = bucket_h[index], bucket_w[index]
+    target_h, target_w = _smallest_bucket(height, width, buckets)
   example = dict(example)
   pad = [[0, target_h - height], [0, target_w - width]]
   example["images"] = tf.pad(example["images"], pad + [[0, 0]])
@@ -175,16 +172,21 @@ def _shape_key(example):
   return shape[0] * 1_000_003 + shape[1]
 
 
+def _smallest_bucket(height, width, buckets):
+  """(H, W) tensors of the first bucket holding (height, width); buckets sorted smallest first."""
+  bucket_h = tf.constant([b[0] for b in buckets], tf.int32)
+  bucket_w = tf.constant([b[1] for b in buckets], tf.int32)
+  index = tf.argmax(tf.cast((bucket_h >= height) & (bucket_w >= width), tf.int32))  # first fit
+  return bucket_h[index], bucket_w[index]
+
+
 def _pad_to_bucket(batch, buckets):
   """Pads a batch (padded to its largest image) to the smallest bucket that holds it."""
   height = tf.shape(batch["images"])[1]
   width = tf.shape(batch["images"])[2]
-  bucket_h = tf.constant([b[0] for b in buckets], tf.int32)
-  bucket_w = tf.constant([b[1] for b in buckets], tf.int32)
-  fits = (bucket_h >= height) & (bucket_w >= width)
-  index = tf.argmax(tf.cast(fits, tf.int32))  # first fit: buckets are sorted smallest first
-  pad_h = bucket_h[index] - height
-  pad_w = bucket_w[index] - width
+  bucket_h, bucket_w = _smallest_bucket(height, width, buckets)
+  pad_h = bucket_h - height
+  pad_w = bucket_w - width
   batch = dict(batch)
   batch["images"] = tf.pad(batch["images"], [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
   batch["pixel_mask"] = tf.pad(batch["pixel_mask"], [[0, 0], [0, pad_h], [0, pad_w]])

@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
   # H-DETR's one-to-many branch: this many more queries in training, matched against the targets
   # repeated loss.one_to_many_k times; not used at inference. 0: off.
   model.one_to_many_queries = 0
+  # Anchor DETR (Wang et al. 2022): each query is a learned anchor point (x, y); its sine
+  # embedding through an MLP is the query's position and the box centre is predicted relative to
+  # it. Converges faster from scratch; not the official model (no published weights): False.
+  model.query_anchors = False
   model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
   model.attention_implementation = None  # None (XLA) | "cudnn" (jax.nn.dot_product_attention)
   # 1x1 convolutions: "auto" (a matmul on CPU, where XLA's 1x1 convolution gradients are slow;

@@ -16,6 +16,9 @@ Variables (flax names; Dense kernels [in, out], Conv kernels HWIO):
   params/group_query_embed/embedding [(K - 1) * Q, D]   (Group DETR, num_query_groups K > 1)
   params/one_to_many_query_embed/embedding [Q2, D]      (H-DETR, one_to_many_queries Q2 > 0)
   (these two are training only: `TRAINING_ONLY_PARAMS`)
+  with model.query_anchors (Anchor DETR), instead of each `*query_embed/embedding`:
+    params/query_embed_anchors [Q, 2] (and group_/one_to_many_ likewise), with
+    params/query_pos_mlp/layers_{0,1} shared
   params/position_embedding/{row_embed,col_embed}/embedding [50, D/2]   (learned only)
   batch_stats/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias,mean,var}  (frozen BatchNorm)
   params/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias}  instead, trained, with
@@ -36,7 +39,8 @@ from detr_jax.models.detr import DTYPES
 from detr_jax.models.detr import POSITION_EMBEDDINGS
 
 # Parameters used in training only; inference, export and published weights do without them.
-TRAINING_ONLY_PARAMS = ("group_query_embed", "one_to_many_query_embed")
+TRAINING_ONLY_PARAMS = ("group_query_embed", "one_to_many_query_embed",
+                        "group_query_embed_anchors", "one_to_many_query_embed_anchors")
 # Parameter groups of `param_labels`, the optimizer's keys.
 FROZEN, BACKBONE, TRANSFORMER = "frozen", "backbone", "transformer"
 TRAIN_BACKBONE_FROM = ("stem", "layer1", "layer2", "layer3", "layer4", "none")
@@ -107,6 +111,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       num_query_groups=num_query_groups,
       one_to_many_queries=one_to_many_queries,
       backbone_norm=backbone_norm,
+      query_anchors=bool(cfg.get("query_anchors", False)),
       dtype=DTYPES[dtype_name])
 
 

@@ -67,6 +67,13 @@ class MLP(nn.Module):
     return x
 
 
+def inverse_sigmoid(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """log(x / (1 - x)), with x clipped to [0, 1] and both terms to at least eps (Deformable DETR's
+  `inverse_sigmoid`)."""
+  x = jnp.clip(x, 0.0, 1.0)
+  return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
+
+
 class DETR(nn.Module):
   """DETR object detector.
 
@@ -91,7 +98,50 @@ class DETR(nn.Module):
   num_query_groups: int = 1
   one_to_many_queries: int = 0
   backbone_norm: str = "frozen_bn"
+  query_anchors: bool = False
   dtype: Any = jnp.float32
+
+  def _query_block(self, name: str, count: int, d_model: int, pos_mlp):
+    """(positional query embedding [count, D], anchor points [count, 2] or None) of one block.
+
+    Plain DETR: a learned embedding (`name`). With `query_anchors` (Anchor DETR, Wang et al.
+    2022, "Anchor DETR: Query Design for Transformer-Based Object Detection"): learned anchor
+    points (`name` + "_anchors", initialised uniformly in the image) whose sine embedding, in the
+    layout of the feature map's position encoding, goes through a 2-layer MLP (`query_pos_mlp`,
+    shared by all blocks); the box head then predicts the centre relative to the anchor.
+    """
+    if not self.query_anchors:
+      return nn.Embed(count, d_model, embedding_init=nn.initializers.normal(1.0),
+                      name=name).embedding, None
+    anchors = self.param(f"{name}_anchors", nn.initializers.uniform(1.0), (count, 2), jnp.float32)
+    anchors = jnp.clip(anchors, 1e-3, 1 - 1e-3)
+    embed = position_encoding.sine_point_embedding(anchors, d_model // 2)
+    return pos_mlp(embed), anchors
+
+  def _queries(self, d_model: int, train: bool):
+    """The decoder's query blocks: {"embed": [..], "anchors": [..], "one_to_many": bool}."""
+    pos_mlp = (MLP(d_model, d_model, 2, self.dtype, name="query_pos_mlp")
+               if self.query_anchors else None)
+    blocks = [self._query_block("query_embed", self.num_queries, d_model, pos_mlp)]
+    extra_queries = (train or self.is_initializing())
+    if self.num_query_groups > 1 and extra_queries:
+      # Group DETR (Chen et al. 2022): K - 1 more groups of num_queries queries.
+      groups = self._query_block("group_query_embed",
+                                 (self.num_query_groups - 1) * self.num_queries, d_model,
+                                 pos_mlp)
+      if train:
+        blocks += [tuple(x if x is None else x[i * self.num_queries:(i + 1) * self.num_queries]
+                         for x in groups) for i in range(self.num_query_groups - 1)]
+    one_to_many = False
+    if self.one_to_many_queries > 0 and extra_queries:
+      # H-DETR (Jia et al. 2023), hybrid matching: queries trained one-to-many.
+      block = self._query_block("one_to_many_query_embed", self.one_to_many_queries, d_model,
+                                  pos_mlp)
+      if train:
+        blocks.append(block)
+        one_to_many = True
+    return {"embed": [e for e, _ in blocks], "anchors": [a for _, a in blocks],
+            "one_to_many": one_to_many}
 
   @nn.compact
   def __call__(self, images: jax.Array, pixel_mask: jax.Array, train: bool = False,
@@ -138,30 +188,13 @@ class DETR(nn.Module):
                   param_dtype=jnp.float32, name="input_proj",
                   conv_general_dilated=conv_lib.conv_general_dilated(self.conv_implementation))(
                       features)
-    query_embed = nn.Embed(self.num_queries, d_model, embedding_init=nn.initializers.normal(1.0),
-                           name="query_embed").embedding  # [Q, D]
     # Training-only queries (Group DETR's extra groups, H-DETR's one-to-many queries) come after
-    # `query_embed`; inference uses `query_embed` alone, so published weights load unchanged and
+    # the model's own; inference uses those alone, so published weights load unchanged and
     # inference is the plain model (it neither reads nor needs the extra parameters).
-    blocks = [self.num_queries]
-    extra_queries = (train or self.is_initializing())
-    if self.num_query_groups > 1 and extra_queries:
-      # Group DETR (Chen et al. 2022): K - 1 more groups of num_queries queries.
-      groups = nn.Embed((self.num_query_groups - 1) * self.num_queries, d_model,
-                        embedding_init=nn.initializers.normal(1.0),
-                        name="group_query_embed").embedding
-      if train:
-        query_embed = jnp.concatenate([query_embed, groups], axis=0)  # [K * Q, D]
-        blocks += [self.num_queries] * (self.num_query_groups - 1)
-    num_one_to_one = sum(blocks)
-    if self.one_to_many_queries > 0 and extra_queries:
-      # H-DETR (Jia et al. 2023), hybrid matching: queries trained one-to-many.
-      one_to_many = nn.Embed(self.one_to_many_queries, d_model,
-                             embedding_init=nn.initializers.normal(1.0),
-                             name="one_to_many_query_embed").embedding
-      if train:
-        query_embed = jnp.concatenate([query_embed, one_to_many], axis=0)
-        blocks.append(self.one_to_many_queries)
+    queries = self._queries(d_model, train)
+    blocks = [q.shape[0] for q in queries["embed"]]
+    num_one_to_one = sum(blocks[:len(blocks) - (1 if queries["one_to_many"] else 0)])
+    query_embed = jnp.concatenate(queries["embed"], axis=0)
     query_mask = block_attention_mask(blocks) if len(blocks) > 1 else None
     hidden = transformer_lib.Transformer(
         num_heads=self.num_heads, enc_layers=self.enc_layers, dec_layers=self.dec_layers,
@@ -181,9 +214,12 @@ class DETR(nn.Module):
     logits = nn.Dense(self.num_classes + 1, kernel_init=transformer_lib.torch_kernel_init,
                       bias_init=transformer_lib.torch_bias_init(d_model), dtype=self.dtype,
                       param_dtype=jnp.float32, name="class_embed")(hidden)
-    boxes = MLP(d_model, 4, 3, self.dtype, name="bbox_embed")(hidden)
+    boxes = MLP(d_model, 4, 3, self.dtype, name="bbox_embed")(hidden).astype(jnp.float32)
     logits = logits.astype(jnp.float32)
-    boxes = jax.nn.sigmoid(boxes.astype(jnp.float32))
+    if self.query_anchors:  # the box centre is predicted relative to the query's anchor point
+      anchors = jnp.concatenate(queries["anchors"], axis=0)  # [Q, 2]
+      boxes = boxes.at[..., :2].add(inverse_sigmoid(anchors))
+    boxes = jax.nn.sigmoid(boxes)
 
     def as_outputs(logits, boxes):
       aux = ([{"pred_logits": logits[i], "pred_boxes": boxes[i]}

@@ -84,6 +84,32 @@ def sine_position_embedding(mask: jax.Array, num_pos_feats: int, temperature: fl
   return jnp.concatenate([interleave(y_embed), interleave(x_embed)], axis=-1)
 
 
+def sine_point_embedding(points: jax.Array, num_pos_feats: int, temperature: float = 10000.,
+                         scale: float = 2 * math.pi) -> jax.Array:
+  """The sine embedding of points, in the feature layout of `sine_position_embedding`.
+
+  Args:
+    points: float [..., 2], (x, y) in [0, 1] of the image.
+    num_pos_feats: features per axis.
+    temperature: frequency base.
+    scale: range of the coordinates.
+
+  Returns:
+    float32 [..., 2 * num_pos_feats]: concat(pos_y, pos_x). A feature cell's own position, as
+    `sine_position_embedding` encodes it, is the point ((j + 1) / w, (i + 1) / h).
+  """
+  dim_t = np.arange(num_pos_feats, dtype=np.float32)
+  dim_t = jnp.asarray(temperature ** (2 * (dim_t // 2) / num_pos_feats), jnp.float32)
+
+  def interleave(coordinate):
+    angles = (coordinate * scale)[..., None] / dim_t
+    stacked = jnp.stack([jnp.sin(angles[..., 0::2]), jnp.cos(angles[..., 1::2])], axis=-1)
+    return stacked.reshape(*angles.shape[:-1], -1)
+
+  points = points.astype(jnp.float32)
+  return jnp.concatenate([interleave(points[..., 1]), interleave(points[..., 0])], axis=-1)
+
+
 class LearnedPositionEmbedding(nn.Module):
   """DETR's `PositionEmbeddingLearned`: 50-entry row and column tables, concat(x, y).
 

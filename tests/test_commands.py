@@ -76,6 +76,14 @@ CONFIG_ERROR = ("python -m detr_jax.main --config configs/tiny_test.py --workdir
 CONVERGENCE = ("PYTHONPATH=. python experiments/convergence.py --minutes 6 --evals 4 "
                "--output /tmp/convergence")
 CHAOS = "PYTHONPATH=. python experiments/chaos_resume.py --kills 12"
+MAKE_FOLDER = "PYTHONPATH=. python experiments/make_coco_folder.py --output /tmp/synthetic_coco"
+FOLDER_JOB = (
+    "python -m detr_jax.main --config configs/coco_folder.py --workdir /tmp/detr_folder "
+    "--config.dataset.annotations_file=/tmp/synthetic_coco/train.json "
+    "--config.dataset.images_dir=/tmp/synthetic_coco/train "
+    "--config.dataset.eval_annotations_file=/tmp/synthetic_coco/val.json "
+    "--config.dataset.eval_images_dir=/tmp/synthetic_coco/val "
+    "--config.dataset.data_dir=/tmp/synthetic_coco/tfds")
 PADDING_SHIFT = ("PYTHONPATH=. python experiments/padding_shift.py --config configs/detr_r50_coco.py "
                  "--checkpoint /tmp/detr_r50 --num 50")
 TPU_PLAN = (
@@ -104,7 +112,7 @@ NOT_RUN = {
 }
 RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, *EXPORT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
        EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN, CHAOS,
-       PADDING_SHIFT, CONFIG_ERROR, CONVERGENCE}
+       PADDING_SHIFT, CONFIG_ERROR, CONVERGENCE, MAKE_FOLDER, FOLDER_JOB}
 
 
 def _command_lines(text: str):
@@ -587,3 +595,27 @@ def test_convergence_benchmark(tmp_path, data_dir):
   rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
   assert rows == ["baseline", "group_o2m"], table
   assert (out / "convergence.png").stat().st_size > 1000
+
+
+def test_custom_folder_commands(tmp_path):
+  """configs/coco_folder.py: write the synthetic folder, then train on it with the config (both
+  commands as documented; fewer images, smaller images and 2 steps)."""
+  root = tmp_path / "synthetic_coco"
+  run_documented(MAKE_FOLDER, {"/tmp/synthetic_coco": str(root)}, ["--train", "6", "--val", "3"])
+  train_json = json.loads((root / "train.json").read_text())
+  assert sorted(c["id"] for c in train_json["categories"]) == [2, 5, 11, 17]
+  assert len(train_json["images"]) == 6 and len(list((root / "val").glob("*.jpg"))) == 3
+  sizes = {(i["height"], i["width"]) for i in train_json["images"]}
+  assert all(320 <= side <= 640 for size in sizes for side in size) and len(sizes) > 1
+  workdir = tmp_path / "detr_folder"
+  result = run_documented(
+      FOLDER_JOB, {"/tmp/synthetic_coco": str(root), "/tmp/detr_folder": str(workdir)},
+      ["--config.num_train_steps=2", "--config.batch_size=2", "--config.eval_batch_size=2",
+       "--config.dataset.scales=(64,)", "--config.dataset.max_size=96",
+       "--config.dataset.eval_size=64", "--config.dataset.eval_max_size=96",
+       "--config.dataset.buckets=((64, 96), (96, 64), (96, 96))",
+       "--config.model.enc_layers=1", "--config.model.dec_layers=1",
+       "--config.num_visualizations=1"])
+  assert "18 classes" in result.stderr, result.stderr[-3000:]  # ids up to 17: 18 with gaps
+  assert "eval/AP50" in result.stderr
+  assert list((workdir / "visualizations").glob("*.png"))

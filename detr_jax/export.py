@@ -235,6 +235,10 @@ def export(variables: Mapping[str, Any], model_config, fmt: str, output: str,
   output = os.path.abspath(output)
   if os.path.exists(output):
     raise ValueError(f"--output {output} exists; choose a new path.")
+  if model_config.get("query_anchors", False):
+    raise ValueError("config.model.query_anchors: anchor-point queries have no place in the "
+                     "official or transformers DETR; export models trained with "
+                     "--config.model.query_anchors=False.")
   if fmt == "hf":
     config = hf_config(model_config, class_names)
     state = to_state_dict(variables, "hf", timm_backbone=bool(model_config.get("dilation")))

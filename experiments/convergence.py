@@ -6,6 +6,7 @@ Each variant is the config (`--config`, default the shapes demo) plus its overri
   group_detr    Group DETR, model.num_query_groups=3
   one_to_many   H-DETR's one-to-many branch, model.one_to_many_queries=48, loss.one_to_many_k=4
   group_norm    model.backbone_norm=group_norm (the shapes backbone trains from scratch)
+  anchors       anchor-point queries, model.query_anchors=True
   group_o2m     group_detr and one_to_many together
 Training minutes are wall-clock seconds of the train steps (compilation included, as a user
 waits for it), evaluation excluded; the learning-rate schedule runs over `num_train_steps` of the
@@ -27,6 +28,7 @@ VARIANTS = {
     "group_detr": {"model.num_query_groups": 3},
     "one_to_many": {"model.one_to_many_queries": 48, "loss.one_to_many_k": 4},
     "group_norm": {"model.backbone_norm": "group_norm"},
+    "anchors": {"model.query_anchors": True},
     "group_o2m": {"model.num_query_groups": 3, "model.one_to_many_queries": 48,
                   "loss.one_to_many_k": 4},
 }

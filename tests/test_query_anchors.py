@@ -12,6 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import tiny_test
+import pytest
+
+from detr_jax import export
 from detr_jax import models
 from detr_jax.models import detr as detr_lib
 from detr_jax.models import position_encoding
@@ -90,3 +93,9 @@ def test_inverse_sigmoid_inverts_sigmoid():
   x = jnp.asarray([1e-3, 0.1, 0.5, 0.9, 0.999])
   np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(detr_lib.inverse_sigmoid(x))), x,
                              rtol=1e-5)
+
+
+def test_export_refuses_anchor_queries(tmp_path):
+  config, _, variables, _, _ = _init(True)
+  with pytest.raises(ValueError, match="query_anchors"):
+    export.export(variables, config.model, "official", str(tmp_path / "out.pth"), {})

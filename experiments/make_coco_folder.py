@@ -16,7 +16,7 @@ import json
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from detr_jax.data import shapes
 
@@ -28,15 +28,13 @@ MAX_OBJECTS = 6
 
 
 def generate_image(seed, split_code, index):
-  """(uint8 [h, w, 3] image, [(x, y, w, h, category id)]) for one image."""
+  """(uint8 [h, w, 3] image, [(x, y, w, h, category id, pixel area)]) for one image."""
   rng = np.random.default_rng([seed, split_code, index])
   height, width = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
   canvas = shapes._background(rng, max(height, width))[:height, :width]  # pylint: disable=protected-access
-  image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-  draw = ImageDraw.Draw(image)
   short = min(height, width)
   ids = sorted(CATEGORIES)
-  placed = []
+  placed, categories = [], []  # (x0, y0, x1, y1, shapes label), category id
   for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
     for _ in range(50):
       category = ids[int(rng.integers(0, len(ids)))]
@@ -49,23 +47,12 @@ def generate_image(seed, split_code, index):
       box = (x0, y0, x0 + w, y0 + h)
       iou, hidden = shapes._box_overlaps(box, [p[:4] for p in placed])  # pylint: disable=protected-access
       if iou <= 0.25 and hidden <= 0.35:
-        placed.append(box + (category,))
+        placed.append(box + (label,))
+        categories.append(category)
         break
-  objects = []
-  for x0, y0, x1, y1, category in placed:
-    label = CATEGORIES[category][1]
-    fill = tuple(int(c) for c in np.clip(np.array(shapes.CLASS_COLOURS[label])
-                                         + rng.integers(-25, 26, size=3), 0, 255))
-    mask = Image.new("L", (width, height), 0)
-    shape_rng = [seed, split_code, index, x0, y0]
-    shapes._draw_shape(ImageDraw.Draw(mask), label, x0, y0, x1, y1,  # pylint: disable=protected-access
-                       np.random.default_rng(shape_rng), 255)
-    shapes._draw_shape(draw, label, x0, y0, x1, y1,  # pylint: disable=protected-access
-                       np.random.default_rng(shape_rng), fill)
-    ys, xs = np.nonzero(np.asarray(mask))
-    objects.append((int(xs.min()), int(ys.min()), int(xs.max() + 1 - xs.min()),
-                    int(ys.max() + 1 - ys.min()), category, int(len(xs))))
-  return np.asarray(image), objects
+  image, boxes, areas = shapes.draw_objects(canvas, placed, rng, [seed, split_code, index])
+  return image, [(int(x0), int(y0), int(x1 - x0), int(y1 - y0), category, int(area))
+                 for (x0, y0, x1, y1), category, area in zip(boxes, categories, areas)]
 
 
 def write_split(output, name, count, seed, split_code):

@@ -153,22 +153,37 @@ def generate_example(seed: int, split_code: int, index: int, image_size: int, ma
       if iou <= _MAX_IOU and hidden <= _MAX_HIDDEN:
         placed.append(box + (label,))
         break
+  image, boxes, areas = draw_objects(canvas, placed, rng, [seed, split_code, index])
+  return (image, np.asarray(boxes, np.float32).reshape(-1, 4),
+          np.asarray([p[4] for p in placed], np.int64), np.asarray(areas, np.float32))
+
+
+def draw_objects(canvas, placed, rng, key):
+  """Draws the placed shapes on a background; returns (image, drawn xyxy boxes, pixel counts).
+
+  Args:
+    canvas: float [h, w, 3] background (`_background`).
+    placed: [(x0, y0, x1, y1, label)] integer pixel boxes, label an index of CLASS_NAMES.
+    rng: the image's generator (draws each shape's colour jitter).
+    key: the image's seed sequence; with (x0, y0) it seeds each shape's own drawing choices.
+
+  Returns:
+    (uint8 [h, w, 3] image, [[x0, y0, x1, y1]] tight boxes of the drawn pixels, [pixel count]).
+  """
   image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-  boxes, labels, areas = [], [], []
+  boxes, areas = [], []
   for x0, y0, x1, y1, label in placed:
     fill = tuple(int(c) for c in np.clip(np.array(CLASS_COLOURS[label])
                                          + rng.integers(-25, 26, size=3), 0, 255))
-    mask = Image.new("L", (size, size), 0)
-    _draw_shape(ImageDraw.Draw(mask), label, x0, y0, x1, y1, np.random.default_rng(
-        [seed, split_code, index, x0, y0]), 255)
-    _draw_shape(ImageDraw.Draw(image), label, x0, y0, x1, y1, np.random.default_rng(
-        [seed, split_code, index, x0, y0]), fill)
+    mask = Image.new("L", image.size, 0)
+    _draw_shape(ImageDraw.Draw(mask), label, x0, y0, x1, y1,
+                np.random.default_rng([*key, x0, y0]), 255)
+    _draw_shape(ImageDraw.Draw(image), label, x0, y0, x1, y1,
+                np.random.default_rng([*key, x0, y0]), fill)
     ys, xs = np.nonzero(np.asarray(mask))
     boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    labels.append(label)
     areas.append(len(xs))
-  return (np.asarray(image), np.asarray(boxes, np.float32).reshape(-1, 4),
-          np.asarray(labels, np.int64), np.asarray(areas, np.float32))
+  return np.asarray(image), boxes, areas
 
 
 class DetrShapes(tfds.core.GeneratorBasedBuilder):

@@ -119,7 +119,9 @@ class DETR(nn.Module):
     return pos_mlp(embed), anchors
 
   def _queries(self, d_model: int, train: bool):
-    """The decoder's query blocks: {"embed": [..], "anchors": [..], "one_to_many": bool}."""
+    """(the decoder's query blocks [(embedding, anchors or None)], queries matched one-to-one).
+
+    The one-to-many block, when trained, is the last; the one-to-one queries come first."""
     pos_mlp = (MLP(d_model, d_model, 2, self.dtype, name="query_pos_mlp")
                if self.query_anchors else None)
     blocks = [self._query_block("query_embed", self.num_queries, d_model, pos_mlp)]
@@ -132,16 +134,14 @@ class DETR(nn.Module):
       if train:
         blocks += [tuple(x if x is None else x[i * self.num_queries:(i + 1) * self.num_queries]
                          for x in groups) for i in range(self.num_query_groups - 1)]
-    one_to_many = False
+    num_one_to_one = sum(embed.shape[0] for embed, _ in blocks)
     if self.one_to_many_queries > 0 and extra_queries:
       # H-DETR (Jia et al. 2023), hybrid matching: queries trained one-to-many.
       block = self._query_block("one_to_many_query_embed", self.one_to_many_queries, d_model,
-                                  pos_mlp)
+                                pos_mlp)
       if train:
         blocks.append(block)
-        one_to_many = True
-    return {"embed": [e for e, _ in blocks], "anchors": [a for _, a in blocks],
-            "one_to_many": one_to_many}
+    return blocks, num_one_to_one
 
   @nn.compact
   def __call__(self, images: jax.Array, pixel_mask: jax.Array, train: bool = False,
@@ -191,10 +191,9 @@ class DETR(nn.Module):
     # Training-only queries (Group DETR's extra groups, H-DETR's one-to-many queries) come after
     # the model's own; inference uses those alone, so published weights load unchanged and
     # inference is the plain model (it neither reads nor needs the extra parameters).
-    queries = self._queries(d_model, train)
-    blocks = [q.shape[0] for q in queries["embed"]]
-    num_one_to_one = sum(blocks[:len(blocks) - (1 if queries["one_to_many"] else 0)])
-    query_embed = jnp.concatenate(queries["embed"], axis=0)
+    queries, num_one_to_one = self._queries(d_model, train)
+    blocks = [embed.shape[0] for embed, _ in queries]
+    query_embed = jnp.concatenate([embed for embed, _ in queries], axis=0)
     query_mask = block_attention_mask(blocks) if len(blocks) > 1 else None
     hidden = transformer_lib.Transformer(
         num_heads=self.num_heads, enc_layers=self.enc_layers, dec_layers=self.dec_layers,
@@ -217,7 +216,7 @@ class DETR(nn.Module):
     boxes = MLP(d_model, 4, 3, self.dtype, name="bbox_embed")(hidden).astype(jnp.float32)
     logits = logits.astype(jnp.float32)
     if self.query_anchors:  # the box centre is predicted relative to the query's anchor point
-      anchors = jnp.concatenate(queries["anchors"], axis=0)  # [Q, 2]
+      anchors = jnp.concatenate([anchors for _, anchors in queries], axis=0)  # [Q, 2]
       boxes = boxes.at[..., :2].add(inverse_sigmoid(anchors))
     boxes = jax.nn.sigmoid(boxes)
 

@@ -53,6 +53,15 @@ def downsample_mask(pixel_mask: jax.Array, size: tuple[int, int]) -> jax.Array:
   return pixel_mask[:, rows][:, :, cols].astype(bool)
 
 
+def _sine_features(angle: jax.Array, num_pos_feats: int, temperature: float) -> jax.Array:
+  """[..., num_pos_feats]: sin on even and cos on odd features of angle / temperature^(2i/F)."""
+  dim_t = np.arange(num_pos_feats, dtype=np.float32)
+  dim_t = jnp.asarray(temperature ** (2 * (dim_t // 2) / num_pos_feats), jnp.float32)
+  angles = angle[..., None] / dim_t
+  stacked = jnp.stack([jnp.sin(angles[..., 0::2]), jnp.cos(angles[..., 1::2])], axis=-1)
+  return stacked.reshape(*angles.shape[:-1], -1)
+
+
 def sine_position_embedding(mask: jax.Array, num_pos_feats: int, temperature: float = 10000.,
                             scale: float = 2 * math.pi) -> jax.Array:
   """DETR's `PositionEmbeddingSine(normalize=True)`.
@@ -73,15 +82,8 @@ def sine_position_embedding(mask: jax.Array, num_pos_feats: int, temperature: fl
   eps = 1e-6
   y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
   x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
-  dim_t = np.arange(num_pos_feats, dtype=np.float32)
-  dim_t = jnp.asarray(temperature ** (2 * (dim_t // 2) / num_pos_feats), jnp.float32)
-
-  def interleave(embed):
-    angles = embed[..., None] / dim_t  # [B, h, w, F]
-    stacked = jnp.stack([jnp.sin(angles[..., 0::2]), jnp.cos(angles[..., 1::2])], axis=-1)
-    return stacked.reshape(*angles.shape[:-1], -1)
-
-  return jnp.concatenate([interleave(y_embed), interleave(x_embed)], axis=-1)
+  return jnp.concatenate([_sine_features(y_embed, num_pos_feats, temperature),
+                          _sine_features(x_embed, num_pos_feats, temperature)], axis=-1)
 
 
 def sine_point_embedding(points: jax.Array, num_pos_feats: int, temperature: float = 10000.,
@@ -98,16 +100,9 @@ def sine_point_embedding(points: jax.Array, num_pos_feats: int, temperature: flo
     float32 [..., 2 * num_pos_feats]: concat(pos_y, pos_x). A feature cell's own position, as
     `sine_position_embedding` encodes it, is the point ((j + 1) / w, (i + 1) / h).
   """
-  dim_t = np.arange(num_pos_feats, dtype=np.float32)
-  dim_t = jnp.asarray(temperature ** (2 * (dim_t // 2) / num_pos_feats), jnp.float32)
-
-  def interleave(coordinate):
-    angles = (coordinate * scale)[..., None] / dim_t
-    stacked = jnp.stack([jnp.sin(angles[..., 0::2]), jnp.cos(angles[..., 1::2])], axis=-1)
-    return stacked.reshape(*angles.shape[:-1], -1)
-
-  points = points.astype(jnp.float32)
-  return jnp.concatenate([interleave(points[..., 1]), interleave(points[..., 0])], axis=-1)
+  points = points.astype(jnp.float32) * scale
+  return jnp.concatenate([_sine_features(points[..., 1], num_pos_feats, temperature),
+                          _sine_features(points[..., 0], num_pos_feats, temperature)], axis=-1)
 
 
 class LearnedPositionEmbedding(nn.Module):

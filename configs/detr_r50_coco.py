@@ -55,6 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
   # embedding through an MLP is the query's position and the box centre is predicted relative to
   # it. Converges faster from scratch; not the official model (no published weights): False.
   model.query_anchors = False
+  # DN-DETR (Li et al. 2022) on anchor points: this many groups of denoising queries in training,
+  # one per target, at the target's centre moved by up to denoising_box_noise x half its size,
+  # with its label embedded (flipped to a random class with probability denoising_label_noise);
+  # each reconstructs its own target, no matching. Needs query_anchors. 0: off.
+  model.denoising_groups = 0
+  model.denoising_box_noise = 0.4
+  model.denoising_label_noise = 0.2
   model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
   model.attention_implementation = None  # None (XLA) | "cudnn" (jax.nn.dot_product_attention)
   # 1x1 convolutions: "auto" (a matmul on CPU, where XLA's 1x1 convolution gradients are slow;
@@ -80,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   loss.query_group_losses = "mean"  # Group DETR: mean | sum of the groups' losses
   loss.one_to_many_k = 6  # H-DETR: targets repeated k times for the one-to-many queries
   loss.one_to_many_weight = 1.0  # H-DETR: weight of the one-to-many branch's loss
+  loss.denoising_weight = 1.0  # DN-DETR: weight of the denoising queries' loss
 
   # --- Data (detr_jax.data) ---
   config.dataset = ds = ml_collections.ConfigDict()

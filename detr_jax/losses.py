@@ -237,7 +237,8 @@ def split_query_groups(outputs, targets, num_groups: int):
   return grouped, {k: jnp.repeat(v, num_groups, axis=0) for k, v in targets.items()}
 
 
-def set_loss(outputs, targets, loss_config, axis_name=None, num_query_groups: int = 1):
+def set_loss(outputs, targets, loss_config, axis_name=None, num_query_groups: int = 1,
+             fixed_assignment: bool = False):
   """The DETR set loss over the final and (optionally) auxiliary decoder outputs.
 
   Args:
@@ -253,6 +254,9 @@ def set_loss(outputs, targets, loss_config, axis_name=None, num_query_groups: in
       each group is matched one-to-one on its own (`split_query_groups`) and the loss is the
       mean over groups (`loss_config.query_group_losses="mean"`, LW-DETR's default,
       `sum_group_losses=False`) or their sum ("sum"). K = 1 is the plain loss.
+    fixed_assignment: no matching: query m (of each group) is assigned target slot m, so Q must
+      equal M (DN-DETR's denoising queries, one per target slot); groups are then always
+      averaged.
 
   Returns:
     (total, metrics): total float32 scalar = sum over used outputs of ce_loss_coef * loss_ce +
@@ -281,7 +285,15 @@ def set_loss(outputs, targets, loss_config, axis_name=None, num_query_groups: in
     num_boxes = jax.lax.psum(num_boxes, axis_name) / jax.lax.psum(1.0, axis_name)
   num_boxes = jnp.maximum(num_boxes, 1.0)
 
-  match_indices = matching.match(pred_logits, pred_boxes, targets, loss_config)  # [L, B, M]
+  if fixed_assignment:
+    slots = targets["labels"].shape[1]
+    if pred_logits.shape[2] != slots:
+      raise ValueError(f"fixed assignment: {pred_logits.shape[2]} queries per group for {slots} "
+                       "target slots; they must be equal (one denoising query per slot).")
+    identity = jnp.where(targets["valid"], jnp.arange(slots, dtype=jnp.int32), -1)
+    match_indices = jnp.broadcast_to(identity, pred_logits.shape[:1] + identity.shape)
+  else:
+    match_indices = matching.match(pred_logits, pred_boxes, targets, loss_config)  # [L, B, M]
   # loss_config is not a pytree: bind it, vmap over the decoder outputs only.
   output_losses = functools.partial(_output_losses, loss_config=loss_config)
   per_output = jax.vmap(output_losses, in_axes=(0, 0, 0, None, None))(
@@ -291,7 +303,7 @@ def set_loss(outputs, targets, loss_config, axis_name=None, num_query_groups: in
              "loss_bbox": loss_config.get("bbox_loss_coef", 5.0),
              "loss_giou": loss_config.get("giou_loss_coef", 2.0)}
   total = sum(weight * jnp.sum(per_output[name]) for name, weight in weights.items())
-  if num_query_groups > 1 and reduction == "sum":
+  if num_query_groups > 1 and reduction == "sum" and not fixed_assignment:
     total = total * num_query_groups
   num_outputs = len(layers)
   metrics = {}
@@ -313,7 +325,11 @@ def training_loss(outputs, targets, loss_config, axis_name=None, num_query_group
   groups included), plus, when the outputs have a "one_to_many" branch (H-DETR, Jia et al.,
   "DETRs with Hybrid Matching"), `loss_config.one_to_many_weight` times the set loss of that
   branch against the targets repeated `loss_config.one_to_many_k` times, matched with the same
-  matcher. The branch's terms are logged with an "o2m_" prefix.
+  matcher. The branch's terms are logged with an "o2m_" prefix. With a "denoising" branch
+  (DN-DETR, Li et al., "DN-DETR: Accelerate DETR Training by Introducing Query DeNoising"; G
+  groups of one query per target slot), `loss_config.denoising_weight` times its set loss with
+  query m of each group assigned target slot m (no matching), the mean over groups; logged with
+  a "dn_" prefix.
   """
   total, metrics = set_loss(outputs, targets, loss_config, axis_name, num_query_groups)
   if "one_to_many" in outputs:
@@ -325,4 +341,14 @@ def training_loss(outputs, targets, loss_config, axis_name=None, num_query_group
                                       loss_config, axis_name)
     total = total + weight * o2m_total
     metrics.update({f"o2m_{name}": value for name, value in o2m_metrics.items()})
+  if "denoising" in outputs:
+    num_denoising, slots = outputs["denoising"]["pred_logits"].shape[1], targets["labels"].shape[1]
+    if num_denoising % slots:
+      raise ValueError(f"{num_denoising} denoising queries are not groups of one query per each "
+                       f"of the {slots} target slots.")
+    dn_total, dn_metrics = set_loss(outputs["denoising"], targets, loss_config, axis_name,
+                                    num_query_groups=num_denoising // slots,
+                                    fixed_assignment=True)
+    total = total + float(loss_config.get("denoising_weight", 1.0)) * dn_total
+    metrics.update({f"dn_{name}": value for name, value in dn_metrics.items()})
   return total, metrics

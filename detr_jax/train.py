@@ -118,10 +118,11 @@ def make_train_step(config, model, tx, labels, mesh, schedules):
   def device_loss(params, batch_stats, batch, rng):
     # Frozen parameters are constants of the loss (the optimizer ignores their zero gradients).
     params = models.stop_frozen_gradients(params, labels)
-    outputs = model.apply({"params": params, "batch_stats": batch_stats},
-                          batch["images"], batch["pixel_mask"], train=True,
-                          rngs={"dropout": rng})
     targets = {"labels": batch["labels"], "boxes": batch["boxes"], "valid": batch["valid"]}
+    # The targets reach the model for DN-DETR's denoising queries only (denoising_groups > 0).
+    outputs = model.apply({"params": params, "batch_stats": batch_stats},
+                          batch["images"], batch["pixel_mask"], train=True, targets=targets,
+                          rngs={"dropout": rng, "denoising": jax.random.fold_in(rng, 1)})
     return losses.training_loss(outputs, targets, loss_config, axis_name="data",
                                 num_query_groups=int(config.model.get("num_query_groups", 1)))
 

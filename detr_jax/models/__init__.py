@@ -19,6 +19,7 @@ Variables (flax names; Dense kernels [in, out], Conv kernels HWIO):
   with model.query_anchors (Anchor DETR), instead of each `*query_embed/embedding`:
     params/query_embed_anchors [Q, 2] (and group_/one_to_many_ likewise), with
     params/query_pos_mlp/layers_{0,1} shared
+  params/denoising_label_embed [C + 1, D]   (DN-DETR, denoising_groups > 0; training only)
   params/position_embedding/{row_embed,col_embed}/embedding [50, D/2]   (learned only)
   batch_stats/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias,mean,var}  (frozen BatchNorm)
   params/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias}  instead, trained, with
@@ -40,7 +41,8 @@ from detr_jax.models.detr import POSITION_EMBEDDINGS
 
 # Parameters used in training only; inference, export and published weights do without them.
 TRAINING_ONLY_PARAMS = ("group_query_embed", "one_to_many_query_embed",
-                        "group_query_embed_anchors", "one_to_many_query_embed_anchors")
+                        "group_query_embed_anchors", "one_to_many_query_embed_anchors",
+                        "denoising_label_embed")
 # Parameter groups of `param_labels`, the optimizer's keys.
 FROZEN, BACKBONE, TRANSFORMER = "frozen", "backbone", "transformer"
 TRAIN_BACKBONE_FROM = ("stem", "layer1", "layer2", "layer3", "layer4", "none")
@@ -92,6 +94,18 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   if one_to_many_queries < 0:
     raise ValueError(f"config.model.one_to_many_queries={one_to_many_queries}: use 0 (off) or "
                      "more (H-DETR's one-to-many branch).")
+  denoising_groups = int(cfg.get("denoising_groups", 0))
+  if denoising_groups < 0:
+    raise ValueError(f"config.model.denoising_groups={denoising_groups}: use 0 (off) or more "
+                     "(DN-DETR's denoising groups).")
+  if denoising_groups and not cfg.get("query_anchors", False):
+    raise ValueError("config.model.denoising_groups > 0 needs config.model.query_anchors=True "
+                     "(denoising queries are anchor points near the targets).")
+  box_noise = float(cfg.get("denoising_box_noise", 0.4))
+  label_noise = float(cfg.get("denoising_label_noise", 0.2))
+  if box_noise < 0 or not 0 <= label_noise <= 1:
+    raise ValueError(f"config.model.denoising_box_noise={box_noise} must be >= 0 and "
+                     f"denoising_label_noise={label_noise} in [0, 1].")
   return DETR(
       backbone=cfg.backbone,
       dilation=bool(cfg.get("dilation", False)),
@@ -112,6 +126,9 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       one_to_many_queries=one_to_many_queries,
       backbone_norm=backbone_norm,
       query_anchors=bool(cfg.get("query_anchors", False)),
+      denoising_groups=denoising_groups,
+      denoising_box_noise=box_noise,
+      denoising_label_noise=label_noise,
       dtype=DTYPES[dtype_name])
 
 

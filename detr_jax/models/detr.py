@@ -99,6 +99,9 @@ class DETR(nn.Module):
   one_to_many_queries: int = 0
   backbone_norm: str = "frozen_bn"
   query_anchors: bool = False
+  denoising_groups: int = 0
+  denoising_box_noise: float = 0.4
+  denoising_label_noise: float = 0.2
   dtype: Any = jnp.float32
 
   def _query_block(self, name: str, count: int, d_model: int, pos_mlp):
@@ -118,12 +121,10 @@ class DETR(nn.Module):
     embed = position_encoding.sine_point_embedding(anchors, d_model // 2)
     return pos_mlp(embed), anchors
 
-  def _queries(self, d_model: int, train: bool):
+  def _queries(self, d_model: int, train: bool, pos_mlp):
     """(the decoder's query blocks [(embedding, anchors or None)], queries matched one-to-one).
 
     The one-to-many block, when trained, is the last; the one-to-one queries come first."""
-    pos_mlp = (MLP(d_model, d_model, 2, self.dtype, name="query_pos_mlp")
-               if self.query_anchors else None)
     blocks = [self._query_block("query_embed", self.num_queries, d_model, pos_mlp)]
     extra_queries = (train or self.is_initializing())
     if self.num_query_groups > 1 and extra_queries:
@@ -143,9 +144,46 @@ class DETR(nn.Module):
         blocks.append(block)
     return blocks, num_one_to_one
 
+  def _denoising_queries(self, targets, d_model: int, pos_mlp):
+    """DN-DETR's denoising queries (Li et al. 2022, "DN-DETR: Accelerate DETR Training by
+    Introducing Query DeNoising"), on anchor points: G groups, each with one query per target
+    slot, group after group ([B, G * M]).
+
+    A query's anchor is its target's centre moved by up to `denoising_box_noise` times half the
+    box's width and height (uniform, clipped to the image); its content (the decoder input, zero
+    for the learned queries) is the embedding of the target's label, replaced by a random class
+    with probability `denoising_label_noise`. Padding slots get the no-object embedding. Each
+    query learns to reconstruct its own target (`losses.training_loss`), so the decoder and heads
+    are trained from the first step on queries placed at objects.
+
+    Returns:
+      (content [B, G * M, D], position [B, G * M, D], anchors float32 [B, G * M, 2]); with
+      `targets` None (initialisation), the embedding table is made and (None, None, None)
+      returned.
+    """
+    label_embed = self.param("denoising_label_embed", nn.initializers.normal(1.0),
+                             (self.num_classes + 1, d_model), jnp.float32)
+    if targets is None:
+      return None, None, None
+    groups = self.denoising_groups
+    labels = jnp.tile(targets["labels"].astype(jnp.int32), (1, groups))
+    valid = jnp.tile(targets["valid"].astype(bool), (1, groups))
+    boxes = jnp.tile(targets["boxes"].astype(jnp.float32), (1, groups, 1))
+    key_shift, key_flip, key_label = jax.random.split(self.make_rng("denoising"), 3)
+    shift = jax.random.uniform(key_shift, labels.shape + (2,), minval=-1.0, maxval=1.0)
+    anchors = boxes[..., :2] + shift * boxes[..., 2:] * (self.denoising_box_noise / 2)
+    anchors = jnp.clip(anchors, 1e-3, 1 - 1e-3)
+    flip = jax.random.bernoulli(key_flip, self.denoising_label_noise, labels.shape)
+    labels = jnp.where(flip, jax.random.randint(key_label, labels.shape, 0, self.num_classes),
+                       labels)
+    labels = jnp.where(valid, labels, self.num_classes)
+    position = pos_mlp(position_encoding.sine_point_embedding(anchors, d_model // 2))
+    return jnp.take(label_embed, labels, axis=0), position, anchors
+
   @nn.compact
   def __call__(self, images: jax.Array, pixel_mask: jax.Array, train: bool = False,
-               capture_attention: bool = False) -> dict[str, Any]:
+               capture_attention: bool = False,
+               targets: Optional[dict[str, jax.Array]] = None) -> dict[str, Any]:
     """Detects objects.
 
     Args:
@@ -156,7 +194,13 @@ class DETR(nn.Module):
         after group, group 0 first; without `train`, group 0 only. With one_to_many_queries
         Q2 > 0 (H-DETR's one-to-many branch), also decodes Q2 more queries, returned apart as
         "one_to_many" (a dict like the outputs); they and the one-to-one queries do not attend
-        to each other.
+        to each other. With denoising_groups G > 0 (DN-DETR, needs query_anchors), also decodes
+        G * M denoising queries made from `targets`, returned as "denoising"; every group attends
+        only within itself.
+      capture_attention: also return the decoder's cross-attention (below).
+      targets: the batch's padded targets ("labels" [B, M], "boxes" [B, M, 4] cxcywh, "valid"
+        [B, M]); read only to make the denoising queries (train, denoising_groups > 0; needs
+        rngs={"denoising": key}).
 
     Returns:
       dict with pred_logits float32 [B, Q, num_classes + 1], pred_boxes float32 [B, Q, 4]
@@ -191,9 +235,34 @@ class DETR(nn.Module):
     # Training-only queries (Group DETR's extra groups, H-DETR's one-to-many queries) come after
     # the model's own; inference uses those alone, so published weights load unchanged and
     # inference is the plain model (it neither reads nor needs the extra parameters).
-    queries, num_one_to_one = self._queries(d_model, train)
+    pos_mlp = (MLP(d_model, d_model, 2, self.dtype, name="query_pos_mlp")
+               if self.query_anchors else None)
+    queries, num_one_to_one = self._queries(d_model, train, pos_mlp)
     blocks = [embed.shape[0] for embed, _ in queries]
     query_embed = jnp.concatenate([embed for embed, _ in queries], axis=0)
+    anchors = (jnp.concatenate([anchors for _, anchors in queries], axis=0)  # [Q, 2]
+               if self.query_anchors else None)
+    query_content = None
+    num_denoising = 0
+    if self.denoising_groups > 0 and (train or self.is_initializing()):
+      if not self.query_anchors:
+        raise ValueError("config.model.denoising_groups > 0 needs config.model.query_anchors=True "
+                         "(denoising queries are anchor points near the targets).")
+      if train and targets is None:
+        raise ValueError("config.model.denoising_groups > 0: training needs the targets "
+                         "(model.apply(..., train=True, targets=...)).")
+      content, position, dn_anchors = self._denoising_queries(
+          targets if train else None, d_model, pos_mlp)
+      if content is not None:  # the denoising queries come last
+        num_learned, num_denoising = query_embed.shape[0], content.shape[1]
+        blocks += [num_denoising // self.denoising_groups] * self.denoising_groups
+        query_embed = jnp.concatenate(
+            [jnp.broadcast_to(query_embed[None], (batch,) + query_embed.shape),
+             position.astype(query_embed.dtype)], axis=1)
+        query_content = jnp.concatenate(
+            [jnp.zeros((batch, num_learned, d_model), content.dtype), content], axis=1)
+        anchors = jnp.concatenate(
+            [jnp.broadcast_to(anchors[None], (batch,) + anchors.shape), dn_anchors], axis=1)
     query_mask = block_attention_mask(blocks) if len(blocks) > 1 else None
     hidden = transformer_lib.Transformer(
         num_heads=self.num_heads, enc_layers=self.enc_layers, dec_layers=self.dec_layers,
@@ -206,7 +275,8 @@ class DETR(nn.Module):
             query_embed,
             train,
             capture_attention,
-            query_mask)  # [L, B, Q, D] (K * Q queries when training groups)
+            query_mask,
+            query_content)  # [L, B, Q, D] (K * Q queries when training groups)
     if capture_attention:
       hidden, attention = hidden
 
@@ -216,8 +286,7 @@ class DETR(nn.Module):
     boxes = MLP(d_model, 4, 3, self.dtype, name="bbox_embed")(hidden).astype(jnp.float32)
     logits = logits.astype(jnp.float32)
     if self.query_anchors:  # the box centre is predicted relative to the query's anchor point
-      anchors = jnp.concatenate([anchors for _, anchors in queries], axis=0)  # [Q, 2]
-      boxes = boxes.at[..., :2].add(inverse_sigmoid(anchors))
+      boxes = boxes.at[..., :2].add(inverse_sigmoid(anchors))  # anchors [Q, 2] or [B, Q, 2]
     boxes = jax.nn.sigmoid(boxes)
 
     def as_outputs(logits, boxes):
@@ -226,9 +295,12 @@ class DETR(nn.Module):
       return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
 
     outputs = as_outputs(logits[:, :, :num_one_to_one], boxes[:, :, :num_one_to_one])
-    if logits.shape[2] > num_one_to_one:
-      outputs["one_to_many"] = as_outputs(logits[:, :, num_one_to_one:],
-                                          boxes[:, :, num_one_to_one:])
+    num_learned = logits.shape[2] - num_denoising
+    if num_learned > num_one_to_one:
+      outputs["one_to_many"] = as_outputs(logits[:, :, num_one_to_one:num_learned],
+                                          boxes[:, :, num_one_to_one:num_learned])
+    if num_denoising:
+      outputs["denoising"] = as_outputs(logits[:, :, num_learned:], boxes[:, :, num_learned:])
     if capture_attention:
       outputs["attention"] = attention.reshape(batch, -1, height, width)[:, :num_one_to_one]
       outputs["feature_mask"] = mask

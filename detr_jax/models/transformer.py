@@ -230,17 +230,19 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, src: jax.Array, mask: jax.Array, pos: jax.Array, query_embed: jax.Array,
                train: bool = False, capture_attention: bool = False,
-               query_mask: Optional[jax.Array] = None):
+               query_mask: Optional[jax.Array] = None,
+               query_content: Optional[jax.Array] = None):
     """Encodes the flattened feature map and decodes the object queries.
 
     Args:
       src: [B, S, D] projected features (S = h * w, row-major).
       mask: bool [B, S], True on real (unpadded) positions.
       pos: [B, S, D] position embedding.
-      query_embed: [Q, D] learned query positions.
+      query_embed: [Q, D] learned query positions, or [B, Q, D] per image.
       train: enables dropout (needs the "dropout" rng).
       capture_attention: also return the last layer's cross-attention weights.
       query_mask: bool [Q, Q] or None, the decoder self-attention mask (Group DETR).
+      query_content: [B, Q, D] or None: the decoder's input (official: zeros, i.e. None).
 
     Returns:
       [dec_layers, B, Q, D]: every decoder layer's output after the shared decoder_norm; with
@@ -248,9 +250,11 @@ class Transformer(nn.Module):
       positions (mean over heads, float32 [B, Q, S]).
     """
     memory = self.encode(src, mask, pos, train)
-    query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None],
-                                 (src.shape[0],) + query_embed.shape)
-    tgt = jnp.zeros_like(query_pos)
+    if query_embed.ndim == 2:
+      query_embed = jnp.broadcast_to(query_embed[None], (src.shape[0],) + query_embed.shape)
+    query_pos = query_embed.astype(self.dtype)
+    tgt = (jnp.zeros_like(query_pos) if query_content is None
+           else query_content.astype(self.dtype))
     decoder_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                                 param_dtype=jnp.float32, name="decoder_norm")
     outputs = []

@@ -239,6 +239,10 @@ def export(variables: Mapping[str, Any], model_config, fmt: str, output: str,
     raise ValueError("config.model.query_anchors: anchor-point queries have no place in the "
                      "official or transformers DETR; export models trained with "
                      "--config.model.query_anchors=False.")
+  if int(model_config.get("backbone_width", 64)) != 64:
+    raise ValueError(f"config.model.backbone_width={model_config.backbone_width}: torchvision's "
+                     "ResNet (in the official and transformers DETR) has width 64; export models "
+                     "trained with the standard width.")
   if fmt == "hf":
     config = hf_config(model_config, class_names)
     state = to_state_dict(variables, "hf", timm_backbone=bool(model_config.get("dilation")))

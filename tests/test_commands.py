@@ -92,6 +92,7 @@ TPU_PLAN = (
     "python -m detr_jax.tpu_plan --config configs/detr_r50_coco.py --config.model.dtype=bfloat16 "
     "--topology v5e:8x8 --topology v4:2x2x4 --topology v5p:2x2x4 --buckets largest",
 )
+FAST_JOB = "python -m detr_jax.main --config configs/shapes_fast.py --workdir /tmp/detr_shapes_fast"
 CI_INSTALL = 'pip install -e ".[convert,test,tpu]"'
 # Run by .ci/run, line for line (checked by test_ci_runs_the_readme_install_and_tests).
 CI_COMMANDS = (
@@ -112,7 +113,7 @@ NOT_RUN = {
 }
 RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, *EXPORT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
        EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN, CHAOS,
-       PADDING_SHIFT, CONFIG_ERROR, CONVERGENCE, MAKE_FOLDER, FOLDER_JOB}
+       PADDING_SHIFT, CONFIG_ERROR, CONVERGENCE, MAKE_FOLDER, FOLDER_JOB, FAST_JOB}
 
 
 def _command_lines(text: str):
@@ -250,6 +251,18 @@ def test_main_job_evaluate_and_tensorboard(tmp_path, data_dir):
   result = run_documented(TENSORBOARD, {"WORKDIR": workdir}, ["--inspect"])
   for tag in ("train/loss", "eval/AP", "train/lr_transformer"):
     assert tag in result.stdout
+
+
+def test_fast_shapes_job(tmp_path, data_dir):
+  """configs/shapes_fast.py: the main job with the quarter-width backbone (2 steps here)."""
+  workdir = tmp_path / "detr_shapes_fast"
+  result = run_documented(FAST_JOB, {"/tmp/detr_shapes_fast": str(workdir)},
+                          [*_SMALL_SHAPES, f"--config.dataset.data_dir={data_dir}"])
+  assert json.loads((workdir / "eval_metrics.json").read_text())["step"] == 2
+  assert len(list((workdir / "visualizations").glob("*.png"))) == 2
+  # The quarter-width backbone: far fewer parameters than the standard demo's ResNet-18.
+  millions = float(re.search(r"Model: resnet18, ([\d.]+)M parameters", result.stderr).group(1))
+  assert millions < 3.0, result.stderr[-2000:]
 
 
 def _predict_on_files(tmp_path, workdir, data):

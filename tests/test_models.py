@@ -546,3 +546,41 @@ def test_heads_and_backbone_initialisation(tiny_variables):
   for leaf_path, value in flax.traverse_util.flatten_dict(tiny_variables["batch_stats"]).items():
     expected = 1.0 if leaf_path[-1] in ("scale", "var") else 0.0
     assert np.all(np.asarray(value) == expected), leaf_path
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_backbone_width_scales_every_conv(arch):
+  """`backbone_width` w: every conv of the standard (w = 64) ResNet with its channels times w/64
+  (the image's 3 input channels aside), same layout and output grid."""
+  images = jnp.zeros((1, 64, 64, 3))
+  shapes = {}
+  for width in (64, 32):
+    module = resnet.ResNet(arch, width=width)
+    variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
+    shapes[width] = {k: v.shape for k, v in
+                     flax.traverse_util.flatten_dict(variables["params"], sep="/").items()}
+    features = jax.eval_shape(module.apply, variables, images)
+    assert features.shape == (1, 2, 2, resnet.backbone_channels(arch, width))
+  assert shapes[64].keys() == shapes[32].keys()
+  for name, shape in shapes[64].items():
+    if name.endswith("kernel"):
+      in_channels = 3 if name == "conv1/kernel" else shape[2] // 2
+      assert shapes[32][name] == shape[:2] + (in_channels, shape[3] // 2), name
+    else:
+      assert shapes[32][name] == (shape[0] // 2,), name
+
+
+def test_backbone_width_is_checked_and_not_exported(tmp_path):
+  from detr_jax import export  # pylint: disable=g-import-not-at-top
+  config = tiny_test.get_config()
+  for bad, norm in ((12, "frozen_bn"), (48, "group_norm")):
+    config.model.backbone_width, config.model.backbone_norm = bad, norm
+    with pytest.raises(ValueError, match=f"backbone_width={bad}"):
+      build_model(config.model)
+  config.model.backbone_width, config.model.backbone_norm = 32, "frozen_bn"
+  model = build_model(config.model)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
+                         jnp.ones((1, 64, 64), bool))
+  assert variables["params"]["backbone"]["conv1"]["kernel"].shape == (7, 7, 3, 32)
+  with pytest.raises(ValueError, match="backbone_width=32"):
+    export.export(variables, config.model, "official", str(tmp_path / "out.pth"), {})

@@ -94,6 +94,11 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   if one_to_many_queries < 0:
     raise ValueError(f"config.model.one_to_many_queries={one_to_many_queries}: use 0 (off) or "
                      "more (H-DETR's one-to-many branch).")
+  backbone_width = int(cfg.get("backbone_width", 64))
+  if backbone_width < 8 or backbone_width % 8 or (
+      backbone_norm == "group_norm" and backbone_width % resnet.GROUP_NORM_GROUPS):
+    raise ValueError(f"config.model.backbone_width={backbone_width}: use a multiple of 8 (of "
+                     f"{resnet.GROUP_NORM_GROUPS} with group_norm); 64 is torchvision's ResNet.")
   denoising_groups = int(cfg.get("denoising_groups", 0))
   if denoising_groups < 0:
     raise ValueError(f"config.model.denoising_groups={denoising_groups}: use 0 (off) or more "
@@ -126,6 +131,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       one_to_many_queries=one_to_many_queries,
       backbone_norm=backbone_norm,
       query_anchors=bool(cfg.get("query_anchors", False)),
+      backbone_width=backbone_width,
       denoising_groups=denoising_groups,
       denoising_box_noise=box_noise,
       denoising_label_noise=label_noise,

@@ -99,6 +99,7 @@ class DETR(nn.Module):
   one_to_many_queries: int = 0
   backbone_norm: str = "frozen_bn"
   query_anchors: bool = False
+  backbone_width: int = 64
   denoising_groups: int = 0
   denoising_box_noise: float = 0.4
   denoising_label_noise: float = 0.2
@@ -214,7 +215,7 @@ class DETR(nn.Module):
     d_model = self.hidden_dim
     features = resnet.ResNet(self.backbone, self.dilation, self.dtype,
                              self.conv_implementation, self.backbone_norm,
-                             name="backbone")(images)
+                             self.backbone_width, name="backbone")(images)
     batch, height, width, channels = features.shape
     mask = position_encoding.downsample_mask(pixel_mask, (height, width))  # [B, h, w]
 

@@ -37,11 +37,11 @@ def check_backbone_name(name: str) -> None:
         f"Unknown backbone {name!r}; config.model.backbone must be one of {sorted(RESNET_ARCHS)}.")
 
 
-def backbone_channels(name: str) -> int:
-  """Number of channels of the last stage of ResNet `name` (512 or 2048)."""
+def backbone_channels(name: str, width: int = 64) -> int:
+  """Number of channels of the last stage of ResNet `name` (512 or 2048 at the standard width)."""
   check_backbone_name(name)
   block, _ = RESNET_ARCHS[name]
-  return _STAGE_WIDTHS[-1] * _EXPANSION[block]
+  return _STAGE_WIDTHS[-1] * width // 64 * _EXPANSION[block]
 
 
 class FrozenBatchNorm(nn.Module):
@@ -154,12 +154,15 @@ class ResNet(nn.Module):
     dtype: compute dtype.
     conv_implementation: "auto" | "xla" | "dot", see `detr_jax.models.conv`.
     norm: "frozen_bn" | "group_norm", see `norm_layer`.
+    width: channels of the stem and layer1 (torchvision: 64); the stages double it. Other
+      widths have no published weights: a smaller backbone trained from scratch.
   """
   arch: str = "resnet50"
   dilation: bool = False
   dtype: Any = jnp.float32
   conv_implementation: str = "auto"
   norm: str = "frozen_bn"
+  width: int = 64
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -173,16 +176,17 @@ class ResNet(nn.Module):
     expansion = _EXPANSION[block_type]
 
     x = images.astype(self.dtype)
-    x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+    x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                 kernel_init=_conv_init, dtype=self.dtype, param_dtype=jnp.float32,
                 conv_general_dilated=conv_lib.conv_general_dilated(self.conv_implementation),
                 name="conv1")(x)
     x = nn.relu(norm_layer(self.norm, self.dtype, "bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
 
-    in_channels = 64
+    in_channels = self.width
     current_dilation = 1
-    for stage, (width, num_blocks) in enumerate(zip(_STAGE_WIDTHS, stage_sizes)):
+    widths = [w * self.width // 64 for w in _STAGE_WIDTHS]
+    for stage, (width, num_blocks) in enumerate(zip(widths, stage_sizes)):
       stride = 1 if stage == 0 else 2
       previous_dilation = current_dilation
       if self.dilation and stage == 3:

@@ -70,6 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 1x1 convolutions: "auto" (a matmul on CPU, where XLA's 1x1 convolution gradients are slow;
   # XLA's convolution elsewhere) | "xla" | "dot". Same parameters and values either way.
   model.conv_implementation = "auto"
+  # Kernels of the other convolutions, a compile option: "auto" ("eigen" on CPU: XLA's own
+  # convolutions, whose gradients are faster there than YNNPACK's; XLA's defaults elsewhere) |
+  # "eigen" | "xla_default". Only CPU programs change, by float32 round-off.
+  model.conv_library = "auto"
 
   # --- Matching and set loss (detr_jax.matching, detr_jax.losses) ---
   config.loss = loss = ml_collections.ConfigDict()

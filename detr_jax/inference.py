@@ -15,6 +15,7 @@ import ml_collections
 
 from detr_jax import losses
 from detr_jax import parallel
+from detr_jax.models import conv as conv_lib
 
 
 def label_activation(config: ml_collections.ConfigDict) -> str:
@@ -76,4 +77,6 @@ def make_predict_fn(model, mesh, activation: str = "softmax",
 
   num_outputs = 5 if attention else 3
   return jax.jit(predict, in_shardings=(replicated, data, data, data),
-                 out_shardings=(data,) * num_outputs)
+                 out_shardings=(data,) * num_outputs,
+                 compiler_options=conv_lib.compiler_options(
+                     getattr(model, "conv_library", "auto"), conv_lib.mesh_platform(mesh)))

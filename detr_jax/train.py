@@ -32,6 +32,7 @@ from detr_jax import losses
 from detr_jax import models
 from detr_jax import optimizer as optimizer_lib
 from detr_jax import parallel
+from detr_jax.models import conv as conv_lib
 
 TRAIN_KEYS = ("images", "pixel_mask", "labels", "boxes", "valid")
 
@@ -163,7 +164,9 @@ def make_train_step(config, model, tx, labels, mesh, schedules):
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
   return jax.jit(train_step, in_shardings=(replicated, data),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+                 out_shardings=(replicated, replicated), donate_argnums=(0,),
+                 compiler_options=conv_lib.compiler_options(model.conv_library,
+                                                            conv_lib.mesh_platform(mesh)))
 
 
 def build(config, mesh, total_steps: int):

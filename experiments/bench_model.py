@@ -20,6 +20,7 @@ import transformers
 
 from configs import detr_r50_coco
 from detr_jax.models import build_model
+from detr_jax.models import conv as conv_lib
 
 
 def _time_blocks(fns, warmup, iters, rounds=2):
@@ -58,7 +59,9 @@ def main():
   model = build_model(config)
   images_jax, mask_jax = jnp.asarray(images), jnp.asarray(pixel_mask)
   variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), images_jax, mask_jax))()
-  forward = jax.jit(lambda v, x, m: model.apply(v, x, m, train=False)["pred_boxes"])
+  forward = jax.jit(lambda v, x, m: model.apply(v, x, m, train=False)["pred_boxes"],
+                    compiler_options=conv_lib.compiler_options(model.conv_library,
+                                                               jax.default_backend()))
   start = time.perf_counter()
   forward(variables, images_jax, mask_jax).block_until_ready()
   compile_s = time.perf_counter() - start

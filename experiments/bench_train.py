@@ -10,6 +10,7 @@ interleaved in one process and the medians are compared, since the machine is no
   PYTHONPATH=. python experiments/bench_train.py --batch 2 --size 512 --iters 5
   PYTHONPATH=. python experiments/bench_train.py --config configs/shapes.py --iters 10
   PYTHONPATH=. python experiments/bench_train.py --conv_implementation xla   # before the 1x1 change
+  PYTHONPATH=. python experiments/bench_train.py --conv_library xla_default  # YNNPACK convolutions
 
 Prints the median step times, images/s and the ratio (>1: detr_jax faster), then a per-part table
 for both sides: backbone forward, backbone forward + backward (trained stages), whole model
@@ -18,6 +19,7 @@ update (clipping + AdamW). Needs the `convert` extra (torch, transformers).
 """
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -30,6 +32,7 @@ from detr_jax import config_checks
 from detr_jax import losses
 from detr_jax import models
 from detr_jax import train
+from detr_jax.models import conv as conv_lib
 from detr_jax.models import resnet
 
 
@@ -45,6 +48,7 @@ def make_config(args):
   if config.model.num_classes <= 0:
     config.model.num_classes = 6  # the shapes dataset
   config.model.conv_implementation = args.conv_implementation
+  config.model.conv_library = args.conv_library
   config.steps_per_epoch = 1000
   return config
 
@@ -105,6 +109,9 @@ class JaxSide:
     params, batch_stats, opt_state = jax.tree.map(
         jnp.copy, (self.state.params, self.state.batch_stats, self.state.opt_state))
     frozen = lambda p: models.stop_frozen_gradients(p, labels)  # noqa: E731
+    # The compile options of the train step (model.conv_library) for every part.
+    jit = functools.partial(jax.jit, compiler_options=conv_lib.compiler_options(
+        model_config.conv_library, conv_lib.mesh_platform(self.mesh)))
     images, pixel_mask = batch["images"], batch["pixel_mask"]
 
     def backbone_fwd(params):
@@ -121,7 +128,7 @@ class JaxSide:
       leaves = jax.tree.leaves(out)
       return sum(jnp.sum(x * jnp.cos(x)) for x in leaves)
 
-    outputs = jax.jit(lambda p: self.model.apply(
+    outputs = jit(lambda p: self.model.apply(
         {"params": p, "batch_stats": batch_stats}, images, pixel_mask, train=False))(params)
     targets = {k: batch[k] for k in ("labels", "boxes", "valid")}
     loss_config = self.config.loss
@@ -129,18 +136,18 @@ class JaxSide:
     def set_loss(outputs):
       return losses.set_loss(outputs, targets, loss_config)[0]
 
-    grads = jax.jit(jax.grad(model_loss))(params)
+    grads = jit(jax.grad(model_loss))(params)
 
     def update(grads, opt_state, params):
       updates, opt_state = self.tx.update(grads, opt_state, params)
       return jax.tree.map(jnp.add, params, updates), opt_state
 
     jitted = {
-        "backbone forward": (jax.jit(backbone_fwd), (params,)),
-        "backbone forward + backward": (jax.jit(jax.grad(backbone_loss)), (params,)),
-        "model forward + backward (no loss)": (jax.jit(jax.grad(model_loss)), (params,)),
-        "matching + loss (forward + grad)": (jax.jit(jax.grad(set_loss)), (outputs,)),
-        "optimizer update": (jax.jit(update), (grads, opt_state, params)),
+        "backbone forward": (jit(backbone_fwd), (params,)),
+        "backbone forward + backward": (jit(jax.grad(backbone_loss)), (params,)),
+        "model forward + backward (no loss)": (jit(jax.grad(model_loss)), (params,)),
+        "matching + loss (forward + grad)": (jit(jax.grad(set_loss)), (outputs,)),
+        "optimizer update": (jit(update), (grads, opt_state, params)),
     }
     self.parts = {name: (lambda f=f, a=a: jax.block_until_ready(f(*a)))
                   for name, (f, a) in jitted.items()}
@@ -277,13 +284,15 @@ def main():
   parser.add_argument("--iters", type=int, default=5, help="timed steps per side (medians)")
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--conv_implementation", default="auto", choices=("auto", "xla", "dot"))
+  parser.add_argument("--conv_library", default="auto", choices=("auto", "eigen", "xla_default"))
   parser.add_argument("--no_parts", action="store_true", help="only the whole train step")
   args = parser.parse_args()
 
   config = make_config(args)
   batch = make_batch(config, args.size, args.batch)
   print(f"{args.config}: {config.model.backbone}, batch {args.batch} x {args.size} x {args.size}, "
-        f"float32, conv_implementation={args.conv_implementation}, jax {jax.__version__} on "
+        f"float32, conv_implementation={args.conv_implementation}, "
+        f"conv_library={args.conv_library}, jax {jax.__version__} on "
         f"{jax.devices()[0].platform}, {os.cpu_count()} CPU threads")
   sides = {"detr_jax": JaxSide(config, batch), "pytorch": TorchSide(config, batch)}
 

@@ -31,16 +31,17 @@ def _both(x, w, strides, padding):
   return results
 
 
-@pytest.mark.parametrize("shape,strides,padding", [
-    ((2, 9, 7, 16), (1, 1), ((0, 0), (0, 0))),
-    ((2, 9, 7, 16), (2, 2), ((0, 0), (0, 0))),  # odd sizes: output ceil(9/2) x ceil(7/2)
-    ((1, 8, 10, 16), (2, 1), "SAME"),
-    ((1, 8, 10, 16), (1, 1), "VALID"),
+@pytest.mark.parametrize("shape,strides,padding,out", [
+    ((2, 9, 7, 16), (1, 1), ((0, 0), (0, 0)), 24),
+    ((2, 9, 7, 16), (1, 1), ((0, 0), (0, 0)), 8),  # fewer outputs: the other kernel-grad order
+    ((2, 9, 7, 16), (2, 2), ((0, 0), (0, 0)), 24),  # odd sizes: output ceil(9/2) x ceil(7/2)
+    ((1, 8, 10, 16), (2, 1), "SAME", 24),
+    ((1, 8, 10, 16), (1, 1), "VALID", 8),
 ])
-def test_pointwise_equals_xla_convolution(shape, strides, padding):
+def test_pointwise_equals_xla_convolution(shape, strides, padding, out):
   key_x, key_w = jax.random.split(jax.random.key(0))
   x = jax.random.normal(key_x, shape)
-  w = jax.random.normal(key_w, (1, 1, shape[-1], 24)) * 0.1
+  w = jax.random.normal(key_w, (1, 1, shape[-1], out)) * 0.1
   reference, pointwise = _both(x, w, strides, padding)
   assert reference[0].shape == pointwise[0].shape
   for name, r, p in zip(("forward", "input grad", "kernel grad"), reference, pointwise):
@@ -95,3 +96,53 @@ def test_detr_same_variables_and_outputs_with_either_implementation(backbone):
   np.testing.assert_allclose(outputs[1][1], outputs[0][1], atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                outputs[1][2], outputs[0][2])
+
+
+def test_resolve_library_and_options():
+  assert conv.resolve_library("auto", "cpu") == "eigen"
+  assert conv.resolve_library("auto", "tpu") == "xla_default"
+  assert conv.compiler_options("auto", "tpu") is None  # accelerators keep XLA's defaults
+  assert conv.compiler_options("eigen", "gpu") is None
+  assert conv.compiler_options("xla_default", "cpu") is None
+  with pytest.raises(ValueError, match="config.model.conv_library"):
+    conv.resolve_library("mkl", "cpu")
+  model_config = tiny_test.get_config().model
+  model_config.conv_library = "mkl"
+  with pytest.raises(ValueError, match="config.model.conv_library"):
+    build_model(model_config)
+
+
+def _conv_grads(compiler_options):
+  """A 3x3 convolution's forward value and both gradients, and the compiled program's text."""
+  x = jax.random.normal(jax.random.key(6), (2, 16, 16, 32))
+  w = jax.random.normal(jax.random.key(7), (3, 3, 32, 32)) * 0.1
+
+  def loss(x, w):
+    out = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
+    return jnp.sum(out * jnp.cos(out))
+
+  fn = jax.jit(jax.value_and_grad(loss, (0, 1)), compiler_options=compiler_options)
+  return fn(x, w), fn.lower(x, w).compile().as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU compile option")
+def test_eigen_library_changes_kernels_not_values():
+  options = conv.compiler_options("auto", "cpu")
+  if options is None:
+    pytest.skip("this jaxlib has no YNNPACK option (its convolutions are XLA's own already)")
+  (value, grads), text = _conv_grads(options)
+  (ref_value, ref_grads), ref_text = _conv_grads(None)
+  # The option reaches the compiler: the forward convolution and both gradients are XLA
+  # convolutions of the entry computation, none a YNNPACK fusion.
+  def ynn_convolutions(text):
+    return [line for line in text.splitlines()
+            if "= " in line and "ynn_fusion" in line.split("= ")[0]
+            and "conv_general_dilated" in line]
+  entry = text[text.index("ENTRY"):]
+  assert len([line for line in entry.splitlines() if " convolution(" in line]) == 3
+  assert not ynn_convolutions(text)
+  if "ynn_fusion" in ref_text:  # this jaxlib's default gives the convolutions to YNNPACK
+    assert ynn_convolutions(ref_text)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)

@@ -81,6 +81,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
                      f"of {ATTENTION_IMPLEMENTATIONS}.")
   conv_implementation = cfg.get("conv_implementation", "auto")
   conv_lib.resolve_implementation(conv_implementation)  # ValueError naming the field
+  conv_library = cfg.get("conv_library", "auto")
+  conv_lib.resolve_library(conv_library, "cpu")  # ValueError naming the field
   _train_backbone_index(cfg)  # fail at build time, not when the optimizer is made
   num_query_groups = int(cfg.get("num_query_groups", 1))
   if num_query_groups < 1:
@@ -127,6 +129,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       aux_loss=bool(cfg.get("aux_loss", True)),
       attention_implementation=implementation,
       conv_implementation=conv_implementation,
+      conv_library=conv_library,
       num_query_groups=num_query_groups,
       one_to_many_queries=one_to_many_queries,
       backbone_norm=backbone_norm,

@@ -95,6 +95,8 @@ class DETR(nn.Module):
   aux_loss: bool = True
   attention_implementation: Optional[str] = None
   conv_implementation: str = "auto"
+  # Read by the programs' jit (`conv.compiler_options`), not by the module: see models/conv.py.
+  conv_library: str = "auto"
   num_query_groups: int = 1
   one_to_many_queries: int = 0
   backbone_norm: str = "frozen_bn"

@@ -78,5 +78,4 @@ def make_predict_fn(model, mesh, activation: str = "softmax",
   num_outputs = 5 if attention else 3
   return jax.jit(predict, in_shardings=(replicated, data, data, data),
                  out_shardings=(data,) * num_outputs,
-                 compiler_options=conv_lib.compiler_options(
-                     getattr(model, "conv_library", "auto"), conv_lib.mesh_platform(mesh)))
+                 compiler_options=conv_lib.program_compiler_options(model, mesh))

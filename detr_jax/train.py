@@ -165,8 +165,7 @@ def make_train_step(config, model, tx, labels, mesh, schedules):
   data = NamedSharding(mesh, P("data"))
   return jax.jit(train_step, in_shardings=(replicated, data),
                  out_shardings=(replicated, replicated), donate_argnums=(0,),
-                 compiler_options=conv_lib.compiler_options(model.conv_library,
-                                                            conv_lib.mesh_platform(mesh)))
+                 compiler_options=conv_lib.program_compiler_options(model, mesh))
 
 
 def build(config, mesh, total_steps: int):

@@ -110,8 +110,9 @@ class JaxSide:
         jnp.copy, (self.state.params, self.state.batch_stats, self.state.opt_state))
     frozen = lambda p: models.stop_frozen_gradients(p, labels)  # noqa: E731
     # The compile options of the train step (model.conv_library) for every part.
-    jit = functools.partial(jax.jit, compiler_options=conv_lib.compiler_options(
-        model_config.conv_library, conv_lib.mesh_platform(self.mesh)))
+    jit = functools.partial(jax.jit,
+                            compiler_options=conv_lib.program_compiler_options(self.model,
+                                                                               self.mesh))
     images, pixel_mask = batch["images"], batch["pixel_mask"]
 
     def backbone_fwd(params):

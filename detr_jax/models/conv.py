@@ -161,6 +161,6 @@ def compiler_options(library: str, platform: str) -> Optional[dict[str, Any]]:
   return None
 
 
-def mesh_platform(mesh) -> str:
-  """The platform ("cpu", "gpu", "tpu") of a mesh's devices."""
-  return mesh.devices.flat[0].platform
+def program_compiler_options(model, mesh) -> Optional[dict[str, Any]]:
+  """`compiler_options` for a program of `model` (a `DETR`) on `mesh`'s devices' platform."""
+  return compiler_options(model.conv_library, mesh.devices.flat[0].platform)

@@ -1,5 +1,6 @@
 """Tests of detr_jax.models.conv: 1x1 convolutions as matrix products, same values and gradients."""
 
+import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -146,3 +147,38 @@ def test_eigen_library_changes_kernels_not_values():
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def _pool_reference(x):
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 9, 7, 2), (2, 1, 5, 4), (1, 2, 2, 1)])
+def test_max_pool_equals_nn_max_pool_with_ties(shape):
+  """Values and gradients of the stem pooling, on inputs with many equal values in each window
+  (integers in 0..2, ReLU zeros): the gradient must go to the same element of each window."""
+  key_x, key_g = jax.random.split(jax.random.key(8))
+  x = jnp.maximum(jax.random.randint(key_x, shape, -1, 3).astype(jnp.float32), 0.0)
+  out, vjp = jax.vjp(conv.max_pool_3x3_s2, x)
+  ref, ref_vjp = jax.vjp(_pool_reference, x)
+  np.testing.assert_array_equal(out, ref)
+  g = jax.random.normal(key_g, ref.shape)
+  np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], rtol=1e-6, atol=1e-6)
+  # Random (tie-free) inputs, under jit, and the per-implementation choice.
+  x = jax.random.normal(key_g, shape)
+  np.testing.assert_array_equal(jax.jit(conv.max_pool("dot"))(x), _pool_reference(x))
+  np.testing.assert_array_equal(conv.max_pool("xla")(x), _pool_reference(x))
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(conv.max_pool_3x3_s2(x)))))(x)
+  ref_grad = jax.grad(lambda x: jnp.sum(jnp.sin(_pool_reference(x))))(x)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_goes_to_one_element_per_window():
+  """A constant input: every window is all ties; each output's gradient lands on exactly one
+  input, the first in row-major order (the window's top-left real pixel)."""
+  x = jnp.ones((1, 4, 4, 1))
+  grad = jax.grad(lambda x: jnp.sum(conv.max_pool_3x3_s2(x)))(x)
+  assert float(grad.sum()) == 4.0
+  expected = np.zeros((4, 4))
+  expected[0, 0] = expected[0, 1] = expected[1, 0] = expected[1, 1] = 1.0
+  np.testing.assert_array_equal(grad[0, :, :, 0], expected)

@@ -17,14 +17,22 @@ of `jax.jit` for `config.model.conv_library`. Recent jaxlib hands CPU convolutio
 whose weight gradients are slow here: a 3x3 128 -> 128 convolution on 2 x 64 x 64 took 45 ms for
 the weight gradient under YNNPACK and 16 ms with XLA's own (Eigen) convolution, the forward pass
 8 ms either way. `"eigen"` keeps YNNPACK for matrix products and gives convolutions to Eigen.
+
+The stem's 3x3 stride-2 max pooling has the same problem: XLA:CPU differentiates
+`lax.reduce_window` with `select_and_scatter`, which took 79 ms for the forward pass and gradient
+of a pooling of 16 x 64 x 64 x 64 here (the shapes demo's stem), against 9 ms for `max_pool_3x3_s2`
+below (nine strided slices; the same outputs, and the gradient routed to the same element).
+`max_pool(implementation)` picks it with the 1x1 kernels.
 """
 
 import functools
 from typing import Any, Callable, Optional
 
 from absl import logging
+import flax.linen as nn
 import jax
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 CONV_IMPLEMENTATIONS = ("auto", "xla", "dot")
@@ -124,6 +132,58 @@ def conv_general_dilated(implementation: str) -> Optional[Callable]:
   if resolve_implementation(implementation) == "dot":
     return pointwise_conv_general_dilated
   return None
+
+
+def max_pool(implementation: str) -> Callable:
+  """The stem's max pooling (3x3, stride 2, padding 1, padded with -inf) for an implementation:
+  `nn.max_pool` for "xla", `max_pool_3x3_s2` for "dot"; "auto" picks per platform."""
+  if resolve_implementation(implementation) == "dot":
+    return max_pool_3x3_s2
+  return lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _pool_windows(x):
+  """The nine strided views [B, h, w, C] of a 3x3 stride-2 pooling of x [B, H, W, C] padded by 1
+  with -inf, in row-major window order; and the padded input's shape."""
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  out_h, out_w = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
+  views = [padded[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2, :]
+           for i in range(3) for j in range(3)]
+  return views, padded.shape
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """`nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))` on [B, H, W, C], as the
+  maximum of nine strided slices. Its gradient goes to the first maximum of each window in
+  row-major order, as XLA's `select_and_scatter` (and PyTorch's max_pool2d) do, computed with
+  masks and interior-padded adds instead."""
+  views, _ = _pool_windows(x)
+  return functools.reduce(jnp.maximum, views)
+
+
+def _max_pool_fwd(x):
+  return max_pool_3x3_s2(x), x
+
+
+def _max_pool_bwd(x, g):
+  views, padded_shape = _pool_windows(x)
+  out = functools.reduce(jnp.maximum, views)
+  taken = jnp.zeros(out.shape, bool)
+  grad = jnp.zeros(padded_shape, g.dtype)
+  out_h, out_w = out.shape[1:3]
+  for k, view in enumerate(views):
+    i, j = divmod(k, 3)
+    first = (view == out) & ~taken
+    taken = taken | first
+    # The transpose of the strided slice: g's pixels back at rows i, i + 2, ... (interior pad 1).
+    pads = ((0, 0, 0), (i, padded_shape[1] - i - (2 * out_h - 1), 1),
+            (j, padded_shape[2] - j - (2 * out_w - 1), 1), (0, 0, 0))
+    grad = grad + lax.pad(jnp.where(first, g, 0), jnp.zeros((), g.dtype), pads)
+  return (grad[:, 1:-1, 1:-1, :],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def resolve_library(library: str, platform: str) -> str:

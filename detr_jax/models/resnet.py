@@ -181,7 +181,7 @@ class ResNet(nn.Module):
                 conv_general_dilated=conv_lib.conv_general_dilated(self.conv_implementation),
                 name="conv1")(x)
     x = nn.relu(norm_layer(self.norm, self.dtype, "bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    x = conv_lib.max_pool(self.conv_implementation)(x)  # 3x3/2, pads with -inf
 
     in_channels = self.width
     current_dilation = 1

@@ -31,8 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.backbone = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
   model.dilation = False  # DC5: dilation instead of stride in the last stage
   # frozen_bn (official; the only one published weights load into) | group_norm (trained
-  # GroupNorm, 32 groups: for a backbone trained from scratch)
+  # GroupNorm: for a backbone trained from scratch)
   model.backbone_norm = "frozen_bn"
+  model.group_norm_groups = 32  # group_norm only (Wu & He's 32); must divide backbone_width
   # Channels of the stem and layer1, doubled by each stage: 64 (torchvision, the only width
   # published weights load into and export writes); 32 is a 4x cheaper backbone from scratch.
   model.backbone_width = 64

@@ -1,5 +1,6 @@
 """`config.model.backbone_norm`: "frozen_bn" (official, default) or "group_norm" (trained
-GroupNorm with 32 groups, for a backbone trained from scratch)."""
+GroupNorm with `model.group_norm_groups` groups, 32 by default, for a backbone trained from
+scratch)."""
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +15,13 @@ from detr_jax.models import resnet
 import train_steps
 
 
-def test_group_norm_is_the_closed_form():
+@pytest.mark.parametrize("num_groups", [32, 8])
+def test_group_norm_is_the_closed_form(num_groups):
   x = np.random.default_rng(0).normal(2.0, 3.0, size=(2, 5, 6, 64)).astype(np.float32)
-  layer = resnet.norm_layer("group_norm", jnp.float32, "bn1")
+  layer = resnet.norm_layer("group_norm", jnp.float32, "bn1", groups=num_groups)
   variables = layer.init(jax.random.PRNGKey(0), x)
   y = np.asarray(layer.apply(variables, x))
-  groups = x.reshape(2, 5, 6, 32, 2)
+  groups = x.reshape(2, 5, 6, num_groups, 64 // num_groups)
   mean = groups.mean(axis=(1, 2, 4), keepdims=True)
   var = groups.var(axis=(1, 2, 4), keepdims=True)
   expected = ((groups - mean) / np.sqrt(var + resnet.FROZEN_BN_EPS)).reshape(x.shape)
@@ -53,3 +55,23 @@ def test_backbone_norm_choices_are_checked():
   config.backbone_init = __file__  # exists, but BatchNorm weights cannot go into GroupNorm
   with pytest.raises(config_checks.ConfigError, match="config.model.backbone_norm='group_norm'"):
     config_checks.check_train_config(config, num_devices=8)
+
+
+def test_group_count_reaches_every_norm_of_a_narrow_backbone():
+  config = _config("group_norm")
+  config.model.backbone_width = 16
+  with pytest.raises(ValueError, match=r"group_norm_groups=32 to divide it \(try 16\)"):
+    models.build_model(config.model)
+  config.model.group_norm_groups = 8
+  model = models.build_model(config.model)
+  images = jax.random.normal(jax.random.PRNGKey(1), (1, 64, 64, 3))
+  variables = model.init(jax.random.PRNGKey(0), images, jnp.ones((1, 64, 64), bool))
+  params = {"params": variables["params"]["backbone"]}
+  out = model.apply(variables, images, jnp.ones((1, 64, 64), bool),
+                    capture_intermediates=lambda m, _: m.name == "backbone")
+  features = out[1]["intermediates"]["backbone"]["__call__"][0]
+  backbone = lambda g: resnet.ResNet(config.model.backbone, width=16, norm="group_norm",
+                                     norm_groups=g)
+  np.testing.assert_allclose(features, backbone(8).apply(params, images), atol=1e-5)
+  # The count matters: the same weights with 16 groups give other features.
+  assert np.abs(features - backbone(16).apply(params, images)).max() > 1e-3

@@ -23,11 +23,12 @@ Variables (flax names; Dense kernels [in, out], Conv kernels HWIO):
   params/position_embedding/{row_embed,col_embed}/embedding [50, D/2]   (learned only)
   batch_stats/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias,mean,var}  (frozen BatchNorm)
   params/backbone/.../{bn1,bn2,bn3,downsample_bn}/{scale,bias}  instead, trained, with
-    model.backbone_norm="group_norm" (GroupNorm, 32 groups)
+    model.backbone_norm="group_norm" (GroupNorm, model.group_norm_groups groups, 32 by default)
 
 `detr_jax.convert` maps the official and Hugging Face state_dicts onto this tree.
 """
 
+import math
 from typing import Any
 
 import jax
@@ -97,10 +98,15 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
     raise ValueError(f"config.model.one_to_many_queries={one_to_many_queries}: use 0 (off) or "
                      "more (H-DETR's one-to-many branch).")
   backbone_width = int(cfg.get("backbone_width", 64))
-  if backbone_width < 8 or backbone_width % 8 or (
-      backbone_norm == "group_norm" and backbone_width % resnet.GROUP_NORM_GROUPS):
-    raise ValueError(f"config.model.backbone_width={backbone_width}: use a multiple of 8 (of "
-                     f"{resnet.GROUP_NORM_GROUPS} with group_norm); 64 is torchvision's ResNet.")
+  if backbone_width < 8 or backbone_width % 8:
+    raise ValueError(f"config.model.backbone_width={backbone_width}: use a multiple of 8; 64 is "
+                     "torchvision's ResNet.")
+  group_norm_groups = int(cfg.get("group_norm_groups", resnet.GROUP_NORM_GROUPS))
+  if backbone_norm == "group_norm" and (group_norm_groups < 1 or
+                                        backbone_width % group_norm_groups):
+    raise ValueError(f"config.model.backbone_width={backbone_width} with group_norm needs "
+                     f"config.model.group_norm_groups={group_norm_groups} to divide it "
+                     f"(try {math.gcd(backbone_width, resnet.GROUP_NORM_GROUPS)}).")
   denoising_groups = int(cfg.get("denoising_groups", 0))
   if denoising_groups < 0:
     raise ValueError(f"config.model.denoising_groups={denoising_groups}: use 0 (off) or more "
@@ -135,6 +141,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       backbone_norm=backbone_norm,
       query_anchors=bool(cfg.get("query_anchors", False)),
       backbone_width=backbone_width,
+      group_norm_groups=group_norm_groups,
       denoising_groups=denoising_groups,
       denoising_box_noise=box_noise,
       denoising_label_noise=label_noise,

@@ -100,6 +100,7 @@ class DETR(nn.Module):
   num_query_groups: int = 1
   one_to_many_queries: int = 0
   backbone_norm: str = "frozen_bn"
+  group_norm_groups: int = 32  # backbone_norm="group_norm" only
   query_anchors: bool = False
   backbone_width: int = 64
   denoising_groups: int = 0
@@ -217,7 +218,8 @@ class DETR(nn.Module):
     d_model = self.hidden_dim
     features = resnet.ResNet(self.backbone, self.dilation, self.dtype,
                              self.conv_implementation, self.backbone_norm,
-                             self.backbone_width, name="backbone")(images)
+                             self.backbone_width, self.group_norm_groups,
+                             name="backbone")(images)
     batch, height, width, channels = features.shape
     mask = position_encoding.downsample_mask(pixel_mask, (height, width))  # [B, h, w]
 

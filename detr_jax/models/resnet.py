@@ -70,15 +70,15 @@ BACKBONE_NORMS = ("frozen_bn", "group_norm")
 GROUP_NORM_GROUPS = 32
 
 
-def norm_layer(kind: str, dtype: Any, name: str) -> nn.Module:
+def norm_layer(kind: str, dtype: Any, name: str, groups: int = GROUP_NORM_GROUPS) -> nn.Module:
   """The backbone's normalisation: "frozen_bn" (torchvision `FrozenBatchNorm2d`, the official
-  DETR's and the only one published weights load into) or "group_norm" (GroupNorm with 32 groups,
-  trained, for a backbone trained from scratch: frozen BatchNorm at its identity init is no
-  normalisation at all)."""
+  DETR's and the only one published weights load into) or "group_norm" (GroupNorm with `groups`
+  groups, 32 by default as in Wu & He, trained, for a backbone trained from scratch: frozen
+  BatchNorm at its identity init is no normalisation at all)."""
   if kind == "frozen_bn":
     return FrozenBatchNorm(dtype, name=name)
   if kind == "group_norm":
-    return nn.GroupNorm(num_groups=GROUP_NORM_GROUPS, epsilon=FROZEN_BN_EPS, dtype=dtype,
+    return nn.GroupNorm(num_groups=groups, epsilon=FROZEN_BN_EPS, dtype=dtype,
                         param_dtype=jnp.float32, name=name)
   raise ValueError(f"Unknown config.model.backbone_norm {kind!r}; use one of {BACKBONE_NORMS}.")
 
@@ -103,18 +103,20 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   conv_implementation: str = "auto"  # see detr_jax.models.conv
   norm: str = "frozen_bn"  # see norm_layer
+  norm_groups: int = GROUP_NORM_GROUPS  # group_norm only
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     identity = x
     conv = functools.partial(_conv, dtype=self.dtype, implementation=self.conv_implementation)
+    norm = functools.partial(norm_layer, self.norm, self.dtype, groups=self.norm_groups)
     y = conv(self.width, 3, self.stride, self.dilation, "conv1")(x)
-    y = nn.relu(norm_layer(self.norm, self.dtype, "bn1")(y))
+    y = nn.relu(norm("bn1")(y))
     y = conv(self.width, 3, 1, self.dilation, "conv2")(y)
-    y = norm_layer(self.norm, self.dtype, "bn2")(y)
+    y = norm("bn2")(y)
     if self.downsample:
       identity = conv(self.width, 1, self.stride, 1, "downsample_conv")(x)
-      identity = norm_layer(self.norm, self.dtype, "downsample_bn")(identity)
+      identity = norm("downsample_bn")(identity)
     return nn.relu(y + identity)
 
 
@@ -127,20 +129,22 @@ class Bottleneck(nn.Module):
   dtype: Any = jnp.float32
   conv_implementation: str = "auto"  # see detr_jax.models.conv
   norm: str = "frozen_bn"  # see norm_layer
+  norm_groups: int = GROUP_NORM_GROUPS  # group_norm only
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     identity = x
     conv = functools.partial(_conv, dtype=self.dtype, implementation=self.conv_implementation)
+    norm = functools.partial(norm_layer, self.norm, self.dtype, groups=self.norm_groups)
     y = conv(self.width, 1, name="conv1")(x)
-    y = nn.relu(norm_layer(self.norm, self.dtype, "bn1")(y))
+    y = nn.relu(norm("bn1")(y))
     y = conv(self.width, 3, self.stride, self.dilation, "conv2")(y)
-    y = nn.relu(norm_layer(self.norm, self.dtype, "bn2")(y))
+    y = nn.relu(norm("bn2")(y))
     y = conv(self.width * 4, 1, name="conv3")(y)
-    y = norm_layer(self.norm, self.dtype, "bn3")(y)
+    y = norm("bn3")(y)
     if self.downsample:
       identity = conv(self.width * 4, 1, self.stride, 1, "downsample_conv")(x)
-      identity = norm_layer(self.norm, self.dtype, "downsample_bn")(identity)
+      identity = norm("downsample_bn")(identity)
     return nn.relu(y + identity)
 
 
@@ -154,6 +158,7 @@ class ResNet(nn.Module):
     dtype: compute dtype.
     conv_implementation: "auto" | "xla" | "dot", see `detr_jax.models.conv`.
     norm: "frozen_bn" | "group_norm", see `norm_layer`.
+    norm_groups: GroupNorm's group count (group_norm only); must divide `width`.
     width: channels of the stem and layer1 (torchvision: 64); the stages double it. Other
       widths have no published weights: a smaller backbone trained from scratch.
   """
@@ -163,6 +168,7 @@ class ResNet(nn.Module):
   conv_implementation: str = "auto"
   norm: str = "frozen_bn"
   width: int = 64
+  norm_groups: int = GROUP_NORM_GROUPS
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -180,7 +186,7 @@ class ResNet(nn.Module):
                 kernel_init=_conv_init, dtype=self.dtype, param_dtype=jnp.float32,
                 conv_general_dilated=conv_lib.conv_general_dilated(self.conv_implementation),
                 name="conv1")(x)
-    x = nn.relu(norm_layer(self.norm, self.dtype, "bn1")(x))
+    x = nn.relu(norm_layer(self.norm, self.dtype, "bn1", self.norm_groups)(x))
     x = conv_lib.max_pool(self.conv_implementation)(x)  # 3x3/2, pads with -inf
 
     in_channels = self.width
@@ -203,6 +209,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             conv_implementation=self.conv_implementation,
             norm=self.norm,
+            norm_groups=self.norm_groups,
             name=f"layer{stage + 1}_{j}")(x)
         in_channels = width * expansion
     return x

@@ -2,6 +2,7 @@
 GroupNorm with `model.group_norm_groups` groups, 32 by default, for a backbone trained from
 scratch)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,5 +74,16 @@ def test_group_count_reaches_every_norm_of_a_narrow_backbone():
   backbone = lambda g: resnet.ResNet(config.model.backbone, width=16, norm="group_norm",
                                      norm_groups=g)
   np.testing.assert_allclose(features, backbone(8).apply(params, images), atol=1e-5)
+  # Every GroupNorm the model calls (stem, each block's and each downsample's) has 8 groups.
+  counts = []
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.GroupNorm) and context.method_name == "__call__":
+      counts.append(context.module.num_groups)
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(record):
+    model.apply(variables, images, jnp.ones((1, 64, 64), bool))
+  num_norms = len([k for k in jax.tree_util.tree_flatten_with_path(params)[0]
+                   if k[0][-1].key == "scale"])
+  assert counts == [8] * num_norms and num_norms > 8
   # The count matters: the same weights with 16 groups give other features.
   assert np.abs(features - backbone(16).apply(params, images)).max() > 1e-3

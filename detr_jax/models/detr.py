@@ -100,7 +100,7 @@ class DETR(nn.Module):
   num_query_groups: int = 1
   one_to_many_queries: int = 0
   backbone_norm: str = "frozen_bn"
-  group_norm_groups: int = 32  # backbone_norm="group_norm" only
+  group_norm_groups: int = resnet.GROUP_NORM_GROUPS  # backbone_norm="group_norm" only
   query_anchors: bool = False
   backbone_width: int = 64
   denoising_groups: int = 0

@@ -11,6 +11,11 @@ interleaved in one process and the medians are compared, since the machine is no
   PYTHONPATH=. python experiments/bench_train.py --config configs/shapes.py --iters 10
   PYTHONPATH=. python experiments/bench_train.py --conv_implementation xla   # before the 1x1 change
   PYTHONPATH=. python experiments/bench_train.py --conv_library xla_default  # YNNPACK convolutions
+  PYTHONPATH=. python experiments/bench_train.py --config configs/shapes_fast.py --iters 20 --jax_only
+
+A model transformers' DETR cannot express (a backbone width other than 64, GroupNorm, query
+groups, anchors, denoising or one-to-many queries) is refused unless `--jax_only`, which times
+detr_jax alone: the step and the same parts.
 
 Prints the median step times, images/s and the ratio (>1: detr_jax faster), then a per-part table
 for both sides: backbone forward, backbone forward + backward (trained stages), whole model
@@ -34,6 +39,11 @@ from detr_jax import models
 from detr_jax import train
 from detr_jax.models import conv as conv_lib
 from detr_jax.models import resnet
+
+
+# Model fields whose non-official values transformers' DETR cannot express.
+_TORCH_MODEL = {"backbone_width": 64, "backbone_norm": "frozen_bn", "num_query_groups": 1,
+                "one_to_many_queries": 0, "query_anchors": False, "denoising_groups": 0}
 
 
 def make_config(args):
@@ -104,7 +114,9 @@ class JaxSide:
   def _parts(self):
     model_config, batch, labels = self.config.model, self.batch, self.labels
     backbone = resnet.ResNet(model_config.backbone, model_config.dilation,
-                             conv_implementation=model_config.conv_implementation)
+                             conv_implementation=model_config.conv_implementation,
+                             norm=model_config.backbone_norm, width=model_config.backbone_width,
+                             norm_groups=model_config.group_norm_groups)
     # Copies: the train step donates (deletes) the state it is given.
     params, batch_stats, opt_state = jax.tree.map(
         jnp.copy, (self.state.params, self.state.batch_stats, self.state.opt_state))
@@ -287,15 +299,25 @@ def main():
   parser.add_argument("--conv_implementation", default="auto", choices=("auto", "xla", "dot"))
   parser.add_argument("--conv_library", default="auto", choices=("auto", "eigen", "xla_default"))
   parser.add_argument("--no_parts", action="store_true", help="only the whole train step")
+  parser.add_argument("--jax_only", action="store_true",
+                      help="time detr_jax alone (needed for a model PyTorch DETR does not have, "
+                           "such as configs/shapes_fast.py's width-16 backbone)")
   args = parser.parse_args()
 
   config = make_config(args)
+  unlike_torch = [f"model.{k}={config.model[k]!r}" for k, official in _TORCH_MODEL.items()
+                  if config.model.get(k, official) != official]
+  if unlike_torch and not args.jax_only:
+    parser.error(f"{args.config} has {', '.join(unlike_torch)}: transformers' DETR has no such "
+                 "model to compare with; pass --jax_only to time detr_jax alone.")
   batch = make_batch(config, args.size, args.batch)
   print(f"{args.config}: {config.model.backbone}, batch {args.batch} x {args.size} x {args.size}, "
         f"float32, conv_implementation={args.conv_implementation}, "
         f"conv_library={args.conv_library}, jax {jax.__version__} on "
         f"{jax.devices()[0].platform}, {os.cpu_count()} CPU threads")
-  sides = {"detr_jax": JaxSide(config, batch), "pytorch": TorchSide(config, batch)}
+  sides = {"detr_jax": JaxSide(config, batch)}
+  if not args.jax_only:
+    sides["pytorch"] = TorchSide(config, batch)
 
   for side in sides.values():
     for _ in range(args.warmup):  # compilation, allocator warm-up
@@ -307,9 +329,17 @@ def main():
   medians = {name: statistics.median(t) for name, t in times.items()}
   for name, seconds in medians.items():
     print(f"train step {name:9s} median {seconds:.3f} s  ({args.batch / seconds:.2f} images/s)")
-  print(f"ratio detr_jax / pytorch images/s: {medians['pytorch'] / medians['detr_jax']:.2f}x")
+  if "pytorch" in medians:
+    print(f"ratio detr_jax / pytorch images/s: "
+          f"{medians['pytorch'] / medians['detr_jax']:.2f}x")
 
   if args.no_parts:
+    return
+  if args.jax_only:
+    print(f"\n| part (median of {args.iters}) | detr_jax |\n|---|---|")
+    for part, fn in sides["detr_jax"].parts.items():
+      fn()  # compilation
+      print(f"| {part} | {_median_seconds(fn, args.iters) * 1e3:.0f} ms |")
     return
   print(f"\n| part (median of {args.iters}) | detr_jax | PyTorch | ratio |\n|---|---|---|---|")
   for part in sides["detr_jax"].parts:

@@ -65,11 +65,14 @@ COCO_TRAINING = (
     "python -m detr_jax.main --config configs/detr_r101_coco.py --workdir DIR",
     "python -m detr_jax.main --config configs/detr_r101_dc5_coco.py --workdir DIR",
 )
+FAST_BENCH = ("PYTHONPATH=. python experiments/bench_train.py --config configs/shapes_fast.py "
+              "--iters 20 --jax_only")
 BENCHMARKS = (
     "PYTHONPATH=. python experiments/bench_model.py --batch 2 --size 512 --iters 4",
     "PYTHONPATH=. python experiments/bench_matching.py",
     "PYTHONPATH=. python experiments/bench_input.py",
     "PYTHONPATH=. python experiments/bench_train.py --batch 2 --size 512 --iters 5",
+    FAST_BENCH,
 )
 CONFIG_ERROR = ("python -m detr_jax.main --config configs/tiny_test.py --workdir /tmp/w "
                 "--config.model.num_querys=20")
@@ -454,6 +457,20 @@ def test_benchmark_help_lists_its_documented_options(command):
   result = run_documented(script, extra=["--help"])
   for option in options:
     assert option in result.stdout, f"{script} --help does not list {option}"
+
+
+def test_train_bench_times_a_model_pytorch_lacks_alone():
+  """README results: the width-16 shapes_fast step and its parts, detr_jax only."""
+  result = run_documented(FAST_BENCH, {"--iters 20": "--iters 1"})
+  assert re.search(r"train step detr_jax +median [0-9.]+ s", result.stdout), result.stdout
+  parts = re.findall(r"^\| ([a-z +()]+) \| ([0-9]+) ms \|$", result.stdout, re.M)
+  assert [name for name, _ in parts] == [
+      "backbone forward", "backbone forward + backward", "model forward + backward (no loss)",
+      "matching + loss (forward + grad)", "optimizer update"], result.stdout
+  assert "pytorch" not in result.stdout.lower(), result.stdout
+  # Without --jax_only it says why there is nothing to compare with.
+  refused = run_documented(FAST_BENCH.replace(" --jax_only", ""), expect_rc=2)
+  assert "model.backbone_width=16" in refused.stderr and "--jax_only" in refused.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

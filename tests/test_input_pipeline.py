@@ -156,9 +156,11 @@ def _signature(batch, i):
   return tuple(np.round(batch["boxes"][i][:n], 3).ravel()) + tuple(batch["labels"][i][:n])
 
 
-def test_process_shards_are_disjoint_and_cover_the_split(folder):
+@pytest.mark.parametrize("cache_train", [False, True])
+def test_process_shards_are_disjoint_and_cover_the_split(folder, cache_train):
   root, train, evaluation = folder
   config = testdata.config(root, train, evaluation)
+  config.dataset.cache_train = cache_train
   config.batch_size = 2  # one example per process
   seen = []
   for process in (0, 1):
@@ -193,8 +195,10 @@ def _shapes_config(tmp_path):
   return config
 
 
-def test_resume_yields_the_same_batches(tmp_path):
+@pytest.mark.parametrize("cache_train", [False, True])
+def test_resume_yields_the_same_batches(tmp_path, cache_train):
   config = _shapes_config(tmp_path)
+  config.dataset.cache_train = cache_train
   full = input_pipeline.create_train_iterator(config, 0, 0, 1)
   assert full.steps_per_epoch == 2
   reference = [next(full) for _ in range(7)]
@@ -210,6 +214,28 @@ def test_resume_yields_the_same_batches(tmp_path):
   config.seed = 12
   other = next(input_pipeline.create_train_iterator(config, 0, 0, 1))
   assert not np.array_equal(other["boxes"], reference[0]["boxes"])
+
+
+def test_cached_epochs_are_uniform_shuffles_of_the_same_examples(tmp_path):
+  config = _shapes_config(tmp_path)
+  config.batch_size = 1  # an epoch is the whole split
+  config.dataset.update(augmentation="fixed", flip=False, scales=[48], max_size=48)
+
+  def epochs(cache_train, count=3):
+    config.dataset.cache_train = cache_train
+    it = input_pipeline.create_train_iterator(config, 0, 0, 1)
+    assert it.steps_per_epoch == 10
+    batches = [next(it) for _ in range(count * 10)]
+    return [[_signature(b, 0) + (float(b["images"][0].sum()),) for b in batches[e * 10:][:10]]
+            for e in range(count)]
+
+  plain, cached = epochs(False), epochs(True)
+  # Without augmentation an example's batch is a function of the record alone: every epoch of
+  # both iterators holds each of the 10 records once, in an order of its own.
+  assert len(set(plain[0])) == 10
+  for epoch in plain + cached:
+    assert sorted(epoch) == sorted(plain[0])
+  assert cached[0] != cached[1] and cached[0] != plain[0]
 
 
 def test_make_global_batch():

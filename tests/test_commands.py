@@ -619,12 +619,25 @@ def test_convergence_benchmark(tmp_path, data_dir):
   result = run_documented(
       CONVERGENCE, {"/tmp/convergence": str(out)},
       ["--config", "configs/tiny_test.py", "--minutes", "0.01", "--evals", "1",
-       "--variants", "baseline,group_o2m", "--set", f"dataset.data_dir={data_dir}"])
+       "--variants", "baseline,group_o2m", "--set", f"dataset.data_dir={data_dir}",
+       "--seeds", "3,4"])
   table = (out / "convergence.md").read_text()
   assert table in result.stdout
-  rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
-  assert rows == ["baseline", "group_o2m"], table
+  runs, summary = table.split("Final evaluation over 2 seeds")
+  rows = [[c.strip() for c in line.split("|")[1:-1]] for line in runs.splitlines()[2:] if line]
+  assert [r[:2] for r in rows] == [["baseline", "3"], ["baseline", "4"], ["group_o2m", "3"],
+                                   ["group_o2m", "4"]], table
+  means = [[c.strip() for c in line.split("|")[1:-1]] for line in summary.splitlines()[4:]]
+  assert [m[0] for m in means] == ["baseline", "group_o2m"], table
+  curves = json.loads((out / "curves.json").read_text())
+  for variant, mean in zip(("baseline", "group_o2m"), means):
+    assert sorted(curves[variant]) == ["3", "4"]
+    ap = [curves[variant][seed][-1][2]["AP"] for seed in ("3", "4")]
+    assert mean[2] == f"{np.mean(ap):.3f} ({min(ap):.3f} - {max(ap):.3f})", table
   assert (out / "convergence.png").stat().st_size > 1000
+  bad = run_documented(CONVERGENCE, {"/tmp/convergence": str(out)}, ["--seeds", "1,1"],
+                       expect_rc=2)
+  assert "repeats a seed" in bad.stderr
 
 
 def test_custom_folder_commands(tmp_path):

@@ -19,7 +19,7 @@ of that epoch before their images are decoded.
 
 `config.dataset.cache_train` (default False) trades memory for input time on a small dataset:
 each process decodes its shard once and keeps the decoded images in memory (about
-height x width x 3 bytes each: 390 MB for the 8,000 128 x 128 shapes images); each epoch is then a
+height x width x 3 bytes each: 375 MB for the 8,000 128 x 128 shapes images); each epoch is then a
 uniform shuffle of the whole shard seeded by (config.seed, e), instead of TFDS file shuffling and
 the shuffle buffer. So it reads another order of the same examples (batch k is still a function of
 (config.seed, k)), and the augmentation is unchanged.

@@ -10,7 +10,9 @@ stays on DETR's matching plateau (README, "Matching and loss").
 Reaches (val, 500 images, after its 3000 steps; warm working tree, this 2-core CPU, the command
 below with --config.seed=S): seed 0 AP 0.329, AP50 0.691 in 5.5 minutes of training; seed 1 AP
 0.406, AP50 0.769 in 6.2 minutes. Runs of one recipe scatter this much; the 2650-step recipe
-without the cache gave AP 0.303 and 0.275 for the same seeds in 5.3 and 5.6 minutes.
+without the cache gave AP 0.303 and 0.275 for the same seeds in 5.3 and 5.6 minutes. On a fresh
+clone (README install, then the command below as it is): 3000 steps in 6.0 minutes, AP 0.329,
+AP50 0.691, AP75 0.277, the same numbers as the warm tree's seed 0.
 Not exportable to PyTorch (torchvision's ResNet has width 64): use configs/shapes.py for that.
 
 Command:

@@ -13,8 +13,8 @@ Training minutes are wall-clock seconds of the train steps (compilation included
 waits for it), evaluation excluded; the learning-rate schedule runs over `num_train_steps` of the
 config, whatever the budget.
 
-One run is one sample: on the shapes demo, runs that differ only in float32 round-off (or in the
-seed) end more than 0.05 AP apart. `--seeds 0,1,2` trains every variant once per seed
+One run is one sample: on configs/shapes_fast.py, runs of one recipe with different seeds ended
+up to 0.1 AP apart (README, "Matching and loss"). `--seeds 0,1,2` trains every variant once per seed
 (`config.seed`: initialisation and data order) and adds a table of the final evaluation's mean,
 min and max over the seeds; the plot shows each variant's mean and its min-max band.
 

@@ -304,15 +304,20 @@ class TrainIterator(Iterator[dict]):
     self._cached = self._cached_examples() if ds_config.get("cache_train", False) else None
     self._batches = self._generate(self.step)
 
+  def _usable_records(self, **read_options):
+    """This process's shard of raw train records with a training box (`as_dataset` options)."""
+    ds = self._source.builder.as_dataset(split=self._splits[self._process_index],
+                                         decoders=self._source.decoders, **read_options)
+    if not self._source.all_train_usable:
+      ds = ds.filter(self._source.has_training_boxes)
+    return ds
+
   def _cached_examples(self):
     """(the shard's usable examples, decoded, crowd boxes removed, in record order and cached in
     memory by tf.data, their number) for `config.dataset.cache_train`."""
-    ds = self._source.builder.as_dataset(split=self._splits[self._process_index],
-                                         shuffle_files=False, decoders=self._source.decoders)
-    if not self._source.all_train_usable:
-      ds = ds.filter(self._source.has_training_boxes)
-    ds = ds.map(lambda raw: _without_crowd(self._source.decode(raw)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = self._usable_records(shuffle_files=False).map(
+        lambda raw: _without_crowd(self._source.decode(raw)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.cache()
     num_examples, num_bytes = ds.reduce(
         (np.int64(0), np.int64(0)),
@@ -321,23 +326,16 @@ class TrainIterator(Iterator[dict]):
                  "process are kept in memory.", int(num_examples), int(num_bytes) / 2**20)
     return ds, int(num_examples)
 
-  def _cached_epoch_examples(self, epoch_seed):
-    # A uniform shuffle of the whole shard (the buffer holds references to the cached tensors).
-    ds, num_examples = self._cached
-    return ds.shuffle(num_examples, seed=epoch_seed, reshuffle_each_iteration=False)
-
   def _epoch_dataset(self, epoch, skip_batches):
     ds_config = self._config.dataset
     epoch_seed = _epoch_seed(int(self._config.seed), epoch)
     if self._cached is not None:
-      return self._finish_epoch(self._cached_epoch_examples(epoch_seed), _augment, epoch,
-                                skip_batches)
+      # A uniform shuffle of the whole shard (the buffer holds references to the cached tensors).
+      cached, num_examples = self._cached
+      ds = cached.shuffle(num_examples, seed=epoch_seed, reshuffle_each_iteration=False)
+      return self._finish_epoch(ds, _augment, epoch, skip_batches)
     read_config = tfds.ReadConfig(shuffle_seed=epoch_seed, try_autocache=False)
-    ds = self._source.builder.as_dataset(
-        split=self._splits[self._process_index], shuffle_files=True, read_config=read_config,
-        decoders=self._source.decoders)
-    if not self._source.all_train_usable:
-      ds = ds.filter(self._source.has_training_boxes)
+    ds = self._usable_records(shuffle_files=True, read_config=read_config)
     ds = ds.shuffle(int(ds_config.get("shuffle_buffer", 1000)), seed=epoch_seed)
     return self._finish_epoch(ds, functools.partial(_train_example, source=self._source), epoch,
                               skip_batches)

@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   # embedding through an MLP is the query's position and the box centre is predicted relative to
   # it. Converges faster from scratch; not the official model (no published weights): False.
   model.query_anchors = False
+  # Iterative box refinement (Deformable DETR) with DAB-DETR's query positions: decoder layer
+  # i > 0 corrects layer i - 1's box and takes its query position from that box's centre.
+  # Needs query_anchors. False: off (official).
+  model.box_refinement = False
   # DN-DETR (Li et al. 2022) on anchor points: this many groups of denoising queries in training,
   # one per target, at the target's centre moved by up to denoising_box_noise x half its size,
   # with its label embedded (flipped to a random class with probability denoising_label_noise);

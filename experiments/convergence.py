@@ -9,6 +9,7 @@ Each variant is the config (`--config`, default the shapes demo) plus its overri
   anchors       anchor-point queries, model.query_anchors=True
   group_o2m     group_detr and one_to_many together
   denoising     anchors with DN-DETR's denoising queries, model.denoising_groups=4
+  refinement    anchors with box refinement, model.box_refinement=True
 Training minutes are wall-clock seconds of the train steps (compilation included, as a user
 waits for it), evaluation excluded; the learning-rate schedule runs over `num_train_steps` of the
 config, whatever the budget.
@@ -39,6 +40,7 @@ VARIANTS = {
     "group_o2m": {"model.num_query_groups": 3, "model.one_to_many_queries": 48,
                   "loss.one_to_many_k": 4},
     "denoising": {"model.query_anchors": True, "model.denoising_groups": 4},
+    "refinement": {"model.query_anchors": True, "model.box_refinement": True},
 }
 
 

@@ -36,6 +36,7 @@ import ml_collections
 
 from detr_jax.models import conv as conv_lib
 from detr_jax.models import resnet
+from detr_jax.models.detr import BOX_REFINEMENT_NEEDS_ANCHORS
 from detr_jax.models.detr import DETR
 from detr_jax.models.detr import DTYPES
 from detr_jax.models.detr import POSITION_EMBEDDINGS
@@ -114,6 +115,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   if denoising_groups and not cfg.get("query_anchors", False):
     raise ValueError("config.model.denoising_groups > 0 needs config.model.query_anchors=True "
                      "(denoising queries are anchor points near the targets).")
+  if cfg.get("box_refinement", False) and not cfg.get("query_anchors", False):
+    raise ValueError(BOX_REFINEMENT_NEEDS_ANCHORS)
   box_noise = float(cfg.get("denoising_box_noise", 0.4))
   label_noise = float(cfg.get("denoising_label_noise", 0.2))
   if box_noise < 0 or not 0 <= label_noise <= 1:
@@ -140,6 +143,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       one_to_many_queries=one_to_many_queries,
       backbone_norm=backbone_norm,
       query_anchors=bool(cfg.get("query_anchors", False)),
+      box_refinement=bool(cfg.get("box_refinement", False)),
       backbone_width=backbone_width,
       group_norm_groups=group_norm_groups,
       denoising_groups=denoising_groups,

@@ -18,6 +18,9 @@ from detr_jax.models import transformer as transformer_lib
 
 POSITION_EMBEDDINGS = ("sine", "learned")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BOX_REFINEMENT_NEEDS_ANCHORS = (
+    "config.model.box_refinement needs config.model.query_anchors=True (the first decoder "
+    "layer's references are the anchor points).")
 
 
 def block_attention_mask(sizes) -> jax.Array:
@@ -102,6 +105,7 @@ class DETR(nn.Module):
   backbone_norm: str = "frozen_bn"
   group_norm_groups: int = resnet.GROUP_NORM_GROUPS  # backbone_norm="group_norm" only
   query_anchors: bool = False
+  box_refinement: bool = False
   backbone_width: int = 64
   denoising_groups: int = 0
   denoising_box_noise: float = 0.4
@@ -183,6 +187,34 @@ class DETR(nn.Module):
     labels = jnp.where(valid, labels, self.num_classes)
     position = pos_mlp(position_encoding.sine_point_embedding(anchors, d_model // 2))
     return jnp.take(label_embed, labels, axis=0), position, anchors
+
+  def _refinement(self, bbox_embed, pos_mlp, anchors, layer_boxes):
+    """The decoder's `query_update` for box refinement; appends each layer's boxes to
+    `layer_boxes`.
+
+    Deformable DETR's iterative bounding box refinement (Zhu et al. 2021, "Deformable DETR:
+    Deformable Transformers for End-to-End Object Detection", Sec. 4.1, `with_box_refine`) with
+    the query positions of DAB-DETR (Liu et al. 2022, "DAB-DETR: Dynamic Anchor Boxes are Better
+    Queries for DETR"): layer 0 predicts its box relative to the query's anchor point, as without
+    refinement; layer i > 0 predicts a correction of layer i - 1's box, box_i = sigmoid(
+    bbox_embed(h_i) + inverse_sigmoid(stop_gradient(box_{i-1}))), and its query position is the
+    anchor embedding (the sine embedding through `query_pos_mlp`) of box_{i-1}'s centre. The box
+    head is shared by all layers, as in DETR.
+    """
+    d_model = self.hidden_dim
+    reference = anchors  # [Q, 2] or [B, Q, 2] in [0, 1]; then [B, Q, 4]
+
+    def update(unused_layer, hidden):
+      nonlocal reference
+      offset = inverse_sigmoid(reference)
+      if offset.shape[-1] == 2:
+        offset = jnp.concatenate([offset, jnp.zeros_like(offset)], axis=-1)
+      boxes = jax.nn.sigmoid(bbox_embed(hidden).astype(jnp.float32) + offset)
+      layer_boxes.append(boxes)
+      reference = jax.lax.stop_gradient(boxes)
+      return pos_mlp(position_encoding.sine_point_embedding(reference[..., :2], d_model // 2))
+
+    return update
 
   @nn.compact
   def __call__(self, images: jax.Array, pixel_mask: jax.Array, train: bool = False,
@@ -269,6 +301,12 @@ class DETR(nn.Module):
         anchors = jnp.concatenate(
             [jnp.broadcast_to(anchors[None], (batch,) + anchors.shape), dn_anchors], axis=1)
     query_mask = block_attention_mask(blocks) if len(blocks) > 1 else None
+    bbox_embed = MLP(d_model, 4, 3, self.dtype, name="bbox_embed")
+    query_update, layer_boxes = None, []
+    if self.box_refinement:
+      if not self.query_anchors:
+        raise ValueError(BOX_REFINEMENT_NEEDS_ANCHORS)
+      query_update = self._refinement(bbox_embed, pos_mlp, anchors, layer_boxes)
     hidden = transformer_lib.Transformer(
         num_heads=self.num_heads, enc_layers=self.enc_layers, dec_layers=self.dec_layers,
         dim_feedforward=self.dim_feedforward, dropout=self.dropout, pre_norm=self.pre_norm,
@@ -281,18 +319,22 @@ class DETR(nn.Module):
             train,
             capture_attention,
             query_mask,
-            query_content)  # [L, B, Q, D] (K * Q queries when training groups)
+            query_content,
+            query_update)  # [L, B, Q, D] (K * Q queries when training groups)
     if capture_attention:
       hidden, attention = hidden
 
     logits = nn.Dense(self.num_classes + 1, kernel_init=transformer_lib.torch_kernel_init,
                       bias_init=transformer_lib.torch_bias_init(d_model), dtype=self.dtype,
                       param_dtype=jnp.float32, name="class_embed")(hidden)
-    boxes = MLP(d_model, 4, 3, self.dtype, name="bbox_embed")(hidden).astype(jnp.float32)
     logits = logits.astype(jnp.float32)
-    if self.query_anchors:  # the box centre is predicted relative to the query's anchor point
-      boxes = boxes.at[..., :2].add(inverse_sigmoid(anchors))  # anchors [Q, 2] or [B, Q, 2]
-    boxes = jax.nn.sigmoid(boxes)
+    if self.box_refinement:  # computed layer by layer in the decoder
+      boxes = jnp.stack(layer_boxes)
+    else:
+      boxes = bbox_embed(hidden).astype(jnp.float32)
+      if self.query_anchors:  # the box centre is predicted relative to the query's anchor point
+        boxes = boxes.at[..., :2].add(inverse_sigmoid(anchors))  # anchors [Q, 2] or [B, Q, 2]
+      boxes = jax.nn.sigmoid(boxes)
 
     def as_outputs(logits, boxes):
       aux = ([{"pred_logits": logits[i], "pred_boxes": boxes[i]}

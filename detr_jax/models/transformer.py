@@ -8,7 +8,7 @@ biases keep PyTorch's default U(+-1/sqrt(fan_in)).
 """
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -231,7 +231,8 @@ class Transformer(nn.Module):
   def __call__(self, src: jax.Array, mask: jax.Array, pos: jax.Array, query_embed: jax.Array,
                train: bool = False, capture_attention: bool = False,
                query_mask: Optional[jax.Array] = None,
-               query_content: Optional[jax.Array] = None):
+               query_content: Optional[jax.Array] = None,
+               query_update: Optional[Callable[[int, jax.Array], jax.Array]] = None):
     """Encodes the flattened feature map and decodes the object queries.
 
     Args:
@@ -243,6 +244,9 @@ class Transformer(nn.Module):
       capture_attention: also return the last layer's cross-attention weights.
       query_mask: bool [Q, Q] or None, the decoder self-attention mask (Group DETR).
       query_content: [B, Q, D] or None: the decoder's input (official: zeros, i.e. None).
+      query_update: None (official: every layer gets `query_embed`), or a function called with
+        (i, layer i's normed output [B, Q, D]) after every decoder layer i; for i < dec_layers - 1
+        it returns the query position [B, Q, D] of layer i + 1 (box refinement, see DETR).
 
     Returns:
       [dec_layers, B, Q, D]: every decoder layer's output after the shared decoder_norm; with
@@ -268,4 +272,8 @@ class Transformer(nn.Module):
       if capture_attention and last:
         tgt, weights = tgt
       outputs.append(decoder_norm(tgt))  # the un-normed tgt feeds the next layer
+      if query_update is not None:
+        new_pos = query_update(i, outputs[-1])
+        if not last:
+          query_pos = new_pos.astype(self.dtype)
     return (jnp.stack(outputs), weights) if capture_attention else jnp.stack(outputs)

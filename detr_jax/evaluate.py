@@ -102,6 +102,49 @@ class CocoEvaluator:
              "bbox": [float(r[1]), float(r[2]), float(r[3]), float(r[4])], "score": float(r[5])}
             for r in rows]
 
+  def threshold_report(self, threshold: float, iou: float = 0.5) -> dict[str, int]:
+    """What the pictures at `threshold` show: the detections scored >= threshold, matched greedily
+    per image in descending score to the non-crowd ground truth of their class (IoU >= `iou`).
+
+    Returns {"detections", "true_positives", "duplicates" (a detection whose best same-class
+    ground truth at IoU >= iou was already taken by a higher-scored one: the same object found
+    again), "duplicate_images" (images with at least one), "false_positives" (the other unmatched
+    ones), "missed" (non-crowd ground truth matched by none)}. A detection on a crowd region
+    counts in none of them but "detections".
+    """
+    boxes_by_image: dict[int, list] = {image["id"]: [] for image in self._images}
+    for ann in self._annotations:
+      boxes_by_image[ann["image_id"]].append(ann)
+    report = dict.fromkeys(("detections", "true_positives", "duplicates", "duplicate_images",
+                            "false_positives", "missed"), 0)
+    rows = (np.concatenate(self._detections, axis=0) if self._detections
+            else np.zeros((0, 7)))
+    rows = rows[rows[:, 5] >= threshold]
+    for image_id, anns in boxes_by_image.items():
+      dets = rows[rows[:, 0] == image_id]
+      dets = dets[np.argsort(-dets[:, 5], kind="stable")]
+      gt = np.asarray([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+      gt_labels = np.asarray([a["category_id"] for a in anns])
+      crowd = np.asarray([bool(a["iscrowd"]) for a in anns], bool)
+      overlap = _iou_xywh(dets[:, 1:5], gt)  # [D, G]
+      taken = np.zeros(len(anns), bool)
+      duplicates = 0
+      for d, det in enumerate(dets):
+        same = (gt_labels == int(det[6])) & (overlap[d] >= iou)
+        free = same & ~taken & ~crowd
+        if free.any():
+          taken[np.argmax(np.where(free, overlap[d], -1.0))] = True
+          report["true_positives"] += 1
+        elif (same & taken).any():
+          duplicates += 1
+        elif not (same & crowd).any():
+          report["false_positives"] += 1
+      report["detections"] += len(dets)
+      report["duplicates"] += duplicates
+      report["duplicate_images"] += int(duplicates > 0)
+      report["missed"] += int(np.sum(~taken & ~crowd))
+    return report
+
   def compute(self) -> dict[str, float]:
     """Returns {AP, AP50, AP75, APs, APm, APl} (fractions in [0, 1]) from pycocotools."""
     if not self._images:
@@ -123,6 +166,15 @@ class CocoEvaluator:
     # pycocotools reports -1 where no ground truth of that size exists (e.g. no large objects);
     # kept as -1 so that it is not read as a score of 0.
     return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
+
+
+def _iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """[len(a), len(b)] IoU of boxes given as [x, y, w, h]."""
+  a0, a1 = a[:, None, :2], a[:, None, :2] + a[:, None, 2:]
+  b0, b1 = b[None, :, :2], b[None, :, :2] + b[None, :, 2:]
+  inter = np.prod(np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None), axis=-1)
+  union = np.prod(a[:, None, 2:], axis=-1) + np.prod(b[None, :, 2:], axis=-1) - inter
+  return inter / np.maximum(union, 1e-12)
 
 
 make_predict_fn = inference.make_predict_fn  # re-exported
@@ -202,6 +254,11 @@ def evaluate_coco(config, model, variables, mesh, class_names: dict[int, str],
   metrics = evaluator.compute()
   logging.info("Evaluated %d images: %s", evaluator.num_images,
                json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+  threshold = float(config.get("visualization_threshold", 0.5))
+  report = evaluator.threshold_report(threshold)
+  logging.info("At score >= %g (the drawing threshold): %s", threshold, json.dumps(report))
+  metrics.update({"duplicates": float(report["duplicates"]),
+                  "duplicate_images": float(report["duplicate_images"])})
   if output_dir and jax.process_index() == 0:
     write_results(output_dir, metrics, evaluator.detections())
   return metrics

@@ -11,7 +11,9 @@ Each variant is the config (`--config`, default the shapes demo) plus its overri
   denoising     anchors with DN-DETR's denoising queries, model.denoising_groups=4
   refinement    anchors with box refinement, model.box_refinement=True
 Training minutes are wall-clock seconds of the train steps (compilation included, as a user
-waits for it), evaluation excluded; the learning-rate schedule runs over `num_train_steps` of the
+waits for it), evaluation excluded; "images with duplicates" counts the evaluation images in
+which some object is detected twice at the drawing threshold (`evaluate.CocoEvaluator.
+threshold_report`); the learning-rate schedule runs over `num_train_steps` of the
 config, whatever the budget.
 
 One run is one sample: on configs/shapes_fast.py, runs of one recipe with different seeds ended
@@ -129,13 +131,14 @@ def write_outputs(curves, output, title):
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(os.path.join(output, "convergence.png"), dpi=100)
-  lines = ["| variant | seed | steps | minutes | AP | AP50 | AP75 |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| variant | seed | steps | minutes | AP | AP50 | AP75 | images with duplicates |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, runs in curves.items():
     for seed, curve in runs.items():
       for minutes, step, scores in curve:
         lines.append(f"| {name} | {seed} | {step} | {minutes:.2f} | {scores['AP']:.3f} | "
-                     f"{scores['AP50']:.3f} | {scores['AP75']:.3f} |")
+                     f"{scores['AP50']:.3f} | {scores['AP75']:.3f} | "
+                     f"{scores['duplicate_images']:.0f} |")
   if num_seeds > 1:
     lines += ["", f"Final evaluation over {num_seeds} seeds, mean (min - max):", "",
               "| variant | minutes | AP | AP50 | AP75 |", "|---|---|---|---|---|"]

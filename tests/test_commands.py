@@ -627,6 +627,7 @@ def test_convergence_benchmark(tmp_path, data_dir):
   rows = [[c.strip() for c in line.split("|")[1:-1]] for line in runs.splitlines()[2:] if line]
   assert [r[:2] for r in rows] == [["baseline", "3"], ["baseline", "4"], ["group_o2m", "3"],
                                    ["group_o2m", "4"]], table
+  assert all(len(r) == 8 and r[7].isdigit() for r in rows), table  # images with duplicates
   means = [[c.strip() for c in line.split("|")[1:-1]] for line in summary.splitlines()[4:]]
   assert [m[0] for m in means] == ["baseline", "group_o2m"], table
   curves = json.loads((out / "curves.json").read_text())

@@ -91,6 +91,38 @@ def test_ground_truth_as_predictions_gives_ap_one():
     assert metrics[name] == pytest.approx(1.0), name
 
 
+def test_threshold_report_counts_duplicates_by_hand():
+  """Image 1: ground truth A (class 0) and B (class 1), crowd C (class 2). Detections: A found
+  twice (0.9 and 0.8: one duplicate), A's box with class 1 (0.7: wrong class, a false positive),
+  a box on C (0.6: counts as neither), B below the threshold (0.3: B missed). Image 2: nothing
+  detected, one ground truth missed."""
+  evaluator = evaluate.CocoEvaluator(CLASS_NAMES)
+  gt = np.zeros((2, 3, 4), np.float32)
+  gt[0] = [[10, 10, 40, 40], [100, 100, 30, 30], [200, 10, 50, 50]]
+  gt[1, 0] = [5, 5, 20, 20]
+  batch = {"image_id": np.asarray([1, 2]), "orig_size": np.full((2, 2), 300, np.int32),
+           "example_valid": np.ones(2, bool), "gt_boxes": gt,
+           "gt_labels": np.asarray([[0, 1, 2], [0, 0, 0]], np.int32),
+           "gt_is_crowd": np.asarray([[False, False, True], [False, False, False]]),
+           "gt_area": gt[..., 2] * gt[..., 3],
+           "gt_valid": np.asarray([[True, True, True], [True, False, False]])}
+  xyxy = lambda x, y, w, h: [x, y, x + w, y + h]
+  boxes = np.zeros((2, 5, 4), np.float32)
+  boxes[0] = [xyxy(10, 10, 40, 40), xyxy(12, 11, 40, 38), xyxy(10, 10, 40, 40),
+              xyxy(200, 10, 50, 50), xyxy(100, 100, 30, 30)]
+  scores = np.asarray([[0.9, 0.8, 0.7, 0.6, 0.3], [0.1] * 5], np.float32)
+  labels = np.asarray([[0, 0, 1, 2, 1], [0] * 5], np.int32)
+  evaluator.add_batch(batch, scores, labels, boxes)
+  assert evaluator.threshold_report(0.5) == {
+      "detections": 4, "true_positives": 1, "duplicates": 1, "duplicate_images": 1,
+      "false_positives": 1, "missed": 2}
+  # At 0.25, B is found too; at 0.85 only the best detection of A is drawn.
+  assert evaluator.threshold_report(0.25)["missed"] == 1
+  assert evaluator.threshold_report(0.85) == {
+      "detections": 1, "true_positives": 1, "duplicates": 0, "duplicate_images": 0,
+      "false_positives": 0, "missed": 2}
+
+
 def test_shifted_predictions_lower_ap():
   rng = np.random.default_rng(2)
   batch = _eval_batch(rng, [1, 2, 3, 4], [4, 4, 4, 4])

@@ -202,7 +202,8 @@ def run_documented(command: str, replace: dict[str, str] | None = None, extra=()
 
 def _printed_metrics(stdout: str) -> dict[str, float]:
   metrics = json.loads(stdout[stdout.index("{"):stdout.rindex("}") + 1])
-  assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}, metrics
+  assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "duplicates",
+                          "duplicate_images"}, metrics
   return metrics
 
 

@@ -32,6 +32,7 @@ DEVICES_PER_PROCESS = 2
 TIMEOUT_SECONDS = 300
 _FINAL_LOSS = re.compile(r"step (\d+)/(\d+)\s+loss (\S+)")
 _EVALUATED = re.compile(r"Evaluated (\d+) images: (\{.*\})")
+_THRESHOLD_REPORT = re.compile(r"At score >= \S+ \(the drawing threshold\): (\{.*\})")
 
 
 def _free_port() -> int:
@@ -192,7 +193,14 @@ def test_two_processes_match_one_process(tmp_path):
     assert evaluated, log[-3000:]
     num_images, logged_metrics = evaluated[-1]
     assert int(num_images) == info.num_eval_examples == config.dataset.num_eval_examples
-    assert json.loads(logged_metrics) == {k: round(v, 4) for k, v in written.items()}
+    assert json.loads(logged_metrics) == {k: round(v, 4) for k, v in written.items()
+                                          if k in evaluate.METRIC_NAMES}
+    # The duplicate counts at the drawing threshold are logged on their own line.
+    reports = _THRESHOLD_REPORT.findall(log)
+    assert reports, log[-3000:]
+    report = json.loads(reports[-1])
+    assert {k: float(report[k]) for k in ("duplicates", "duplicate_images")} == {
+        k: written[k] for k in ("duplicates", "duplicate_images")}
   # ...the metrics of a single-process evaluation of the same checkpoint.
   variables = {"params": multihost_state.params, "batch_stats": multihost_state.batch_stats}
   expected_metrics = evaluate.evaluate_coco(config, model, variables, mesh, info.class_names)

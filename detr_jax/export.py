@@ -243,6 +243,10 @@ def export(variables: Mapping[str, Any], model_config, fmt: str, output: str,
     raise ValueError(f"config.model.backbone_width={model_config.backbone_width}: torchvision's "
                      "ResNet (in the official and transformers DETR) has width 64; export models "
                      "trained with the standard width.")
+  if int(model_config.get("backbone_stages", 4)) != 4:
+    raise ValueError(f"config.model.backbone_stages={model_config.backbone_stages}: the "
+                     "official and transformers DETR read layer4 (4 stages); export models "
+                     "trained with all four.")
   if fmt == "hf":
     config = hf_config(model_config, class_names)
     state = to_state_dict(variables, "hf", timm_backbone=bool(model_config.get("dilation")))

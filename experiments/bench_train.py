@@ -43,7 +43,8 @@ from detr_jax.models import resnet
 
 # Model fields whose non-official values transformers' DETR cannot express.
 _TORCH_MODEL = {"backbone_width": 64, "backbone_norm": "frozen_bn", "num_query_groups": 1,
-                "one_to_many_queries": 0, "query_anchors": False, "denoising_groups": 0}
+                "one_to_many_queries": 0, "query_anchors": False, "denoising_groups": 0,
+                "backbone_stages": 4}
 
 
 def make_config(args):
@@ -116,7 +117,8 @@ class JaxSide:
     backbone = resnet.ResNet(model_config.backbone, model_config.dilation,
                              conv_implementation=model_config.conv_implementation,
                              norm=model_config.backbone_norm, width=model_config.backbone_width,
-                             norm_groups=model_config.group_norm_groups)
+                             norm_groups=model_config.group_norm_groups,
+                             stages=model_config.get("backbone_stages", 4))
     # Copies: the train step donates (deletes) the state it is given.
     params, batch_stats, opt_state = jax.tree.map(
         jnp.copy, (self.state.params, self.state.batch_stats, self.state.opt_state))

@@ -102,6 +102,16 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   if backbone_width < 8 or backbone_width % 8:
     raise ValueError(f"config.model.backbone_width={backbone_width}: use a multiple of 8; 64 is "
                      "torchvision's ResNet.")
+  backbone_stages = int(cfg.get("backbone_stages", 4))
+  resnet.check_stages(backbone_stages)
+  if backbone_stages != 4 and cfg.get("dilation", False):
+    raise ValueError("config.model.dilation (DC5) dilates layer4, which "
+                     f"config.model.backbone_stages={backbone_stages} does not build: use one.")
+  if (_train_backbone_index(cfg) == TRAIN_BACKBONE_FROM.index("layer4")
+      and backbone_stages != 4):
+    raise ValueError("config.model.train_backbone_from='layer4' names a stage that "
+                     f"config.model.backbone_stages={backbone_stages} does not build: use 'none' "
+                     "to freeze the whole backbone.")
   group_norm_groups = int(cfg.get("group_norm_groups", resnet.GROUP_NORM_GROUPS))
   if backbone_norm == "group_norm" and (group_norm_groups < 1 or
                                         backbone_width % group_norm_groups):
@@ -145,6 +155,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       query_anchors=bool(cfg.get("query_anchors", False)),
       box_refinement=bool(cfg.get("box_refinement", False)),
       backbone_width=backbone_width,
+      backbone_stages=backbone_stages,
       group_norm_groups=group_norm_groups,
       denoising_groups=denoising_groups,
       denoising_box_noise=box_noise,

@@ -107,6 +107,7 @@ class DETR(nn.Module):
   query_anchors: bool = False
   box_refinement: bool = False
   backbone_width: int = 64
+  backbone_stages: int = 4
   denoising_groups: int = 0
   denoising_box_noise: float = 0.4
   denoising_label_noise: float = 0.2
@@ -251,7 +252,7 @@ class DETR(nn.Module):
     features = resnet.ResNet(self.backbone, self.dilation, self.dtype,
                              self.conv_implementation, self.backbone_norm,
                              self.backbone_width, self.group_norm_groups,
-                             name="backbone")(images)
+                             self.backbone_stages, name="backbone")(images)
     batch, height, width, channels = features.shape
     mask = position_encoding.downsample_mask(pixel_mask, (height, width))  # [B, h, w]
 

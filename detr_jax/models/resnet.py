@@ -37,11 +37,20 @@ def check_backbone_name(name: str) -> None:
         f"Unknown backbone {name!r}; config.model.backbone must be one of {sorted(RESNET_ARCHS)}.")
 
 
-def backbone_channels(name: str, width: int = 64) -> int:
-  """Number of channels of the last stage of ResNet `name` (512 or 2048 at the standard width)."""
+def backbone_channels(name: str, width: int = 64, stages: int = 4) -> int:
+  """Number of channels of the last stage of ResNet `name` (512 or 2048 at the standard width
+  with its 4 stages; half that with 3)."""
   check_backbone_name(name)
+  check_stages(stages)
   block, _ = RESNET_ARCHS[name]
-  return _STAGE_WIDTHS[-1] * width // 64 * _EXPANSION[block]
+  return _STAGE_WIDTHS[stages - 1] * width // 64 * _EXPANSION[block]
+
+
+def check_stages(stages: int) -> None:
+  """Raises ValueError unless `stages` (config.model.backbone_stages) is 3 or 4."""
+  if stages not in (3, 4):
+    raise ValueError(f"config.model.backbone_stages={stages}: use 4 (torchvision's ResNet, "
+                     "stride 32) or 3 (up to layer3, stride 16).")
 
 
 class FrozenBatchNorm(nn.Module):
@@ -155,6 +164,9 @@ class ResNet(nn.Module):
     arch: one of RESNET_ARCHS.
     dilation: DC5; layer4 uses dilation 2 instead of stride 2, as torchvision's
       `replace_stride_with_dilation=[False, False, True]`.
+    stages: 4 (torchvision's ResNet) or 3: the body ends after layer3 and returns its
+      stride-16 map (layer4 is not built). A finer grid at less compute than DC5, for small
+      images and backbones trained from scratch; no published DETR has it.
     dtype: compute dtype.
     conv_implementation: "auto" | "xla" | "dot", see `detr_jax.models.conv`.
     norm: "frozen_bn" | "group_norm", see `norm_layer`.
@@ -169,11 +181,16 @@ class ResNet(nn.Module):
   norm: str = "frozen_bn"
   width: int = 64
   norm_groups: int = GROUP_NORM_GROUPS
+  stages: int = 4
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    """Args: images [B, H, W, 3]. Returns: features [B, h, w, 512 or 2048]."""
+    """Args: images [B, H, W, 3]. Returns: features [B, h, w, backbone_channels(...)]."""
     check_backbone_name(self.arch)
+    check_stages(self.stages)
+    if self.dilation and self.stages != 4:
+      raise ValueError("config.model.dilation (DC5) dilates layer4, which "
+                       f"config.model.backbone_stages={self.stages} does not build.")
     block_type, stage_sizes = RESNET_ARCHS[self.arch]
     if block_type == "basic" and self.dilation:
       raise ValueError(f"config.model.dilation (DC5) needs a Bottleneck ResNet (resnet50/101); "
@@ -192,7 +209,8 @@ class ResNet(nn.Module):
     in_channels = self.width
     current_dilation = 1
     widths = [w * self.width // 64 for w in _STAGE_WIDTHS]
-    for stage, (width, num_blocks) in enumerate(zip(widths, stage_sizes)):
+    for stage, (width, num_blocks) in enumerate(zip(widths[:self.stages],
+                                                    stage_sizes[:self.stages])):
       stride = 1 if stage == 0 else 2
       previous_dilation = current_dilation
       if self.dilation and stage == 3:
@@ -215,9 +233,9 @@ class ResNet(nn.Module):
     return x
 
 
-def feature_stride(dilation: bool) -> int:
-  """Total stride of the backbone output (32, or 16 for DC5)."""
-  return 16 if dilation else 32
+def feature_stride(dilation: bool, stages: int = 4) -> int:
+  """Total stride of the backbone output (32, or 16 for DC5 or 3 stages)."""
+  return 16 if dilation or stages == 3 else 32
 
 
 def stage_of(module_name: str) -> str:

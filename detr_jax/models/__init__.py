@@ -85,7 +85,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   conv_lib.resolve_implementation(conv_implementation)  # ValueError naming the field
   conv_library = cfg.get("conv_library", "auto")
   conv_lib.resolve_library(conv_library, "cpu")  # ValueError naming the field
-  _train_backbone_index(cfg)  # fail at build time, not when the optimizer is made
+  train_from = _train_backbone_index(cfg)  # fail at build time, not when the optimizer is made
   num_query_groups = int(cfg.get("num_query_groups", 1))
   if num_query_groups < 1:
     raise ValueError(f"config.model.num_query_groups={num_query_groups}: use 1 (plain DETR) or "
@@ -103,12 +103,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
     raise ValueError(f"config.model.backbone_width={backbone_width}: use a multiple of 8; 64 is "
                      "torchvision's ResNet.")
   backbone_stages = int(cfg.get("backbone_stages", 4))
-  resnet.check_stages(backbone_stages)
-  if backbone_stages != 4 and cfg.get("dilation", False):
-    raise ValueError("config.model.dilation (DC5) dilates layer4, which "
-                     f"config.model.backbone_stages={backbone_stages} does not build: use one.")
-  if (_train_backbone_index(cfg) == TRAIN_BACKBONE_FROM.index("layer4")
-      and backbone_stages != 4):
+  resnet.check_stages(backbone_stages, bool(cfg.get("dilation", False)))
+  if train_from == TRAIN_BACKBONE_FROM.index("layer4") and backbone_stages != 4:
     raise ValueError("config.model.train_backbone_from='layer4' names a stage that "
                      f"config.model.backbone_stages={backbone_stages} does not build: use 'none' "
                      "to freeze the whole backbone.")

@@ -46,11 +46,15 @@ def backbone_channels(name: str, width: int = 64, stages: int = 4) -> int:
   return _STAGE_WIDTHS[stages - 1] * width // 64 * _EXPANSION[block]
 
 
-def check_stages(stages: int) -> None:
-  """Raises ValueError unless `stages` (config.model.backbone_stages) is 3 or 4."""
+def check_stages(stages: int, dilation: bool = False) -> None:
+  """Raises ValueError unless `stages` (config.model.backbone_stages) is 3 or 4, and 4 with DC5
+  (`dilation`, which dilates layer4)."""
   if stages not in (3, 4):
     raise ValueError(f"config.model.backbone_stages={stages}: use 4 (torchvision's ResNet, "
                      "stride 32) or 3 (up to layer3, stride 16).")
+  if dilation and stages != 4:
+    raise ValueError("config.model.dilation (DC5) dilates layer4, which "
+                     f"config.model.backbone_stages={stages} does not build: use one.")
 
 
 class FrozenBatchNorm(nn.Module):
@@ -187,10 +191,7 @@ class ResNet(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     """Args: images [B, H, W, 3]. Returns: features [B, h, w, backbone_channels(...)]."""
     check_backbone_name(self.arch)
-    check_stages(self.stages)
-    if self.dilation and self.stages != 4:
-      raise ValueError("config.model.dilation (DC5) dilates layer4, which "
-                       f"config.model.backbone_stages={self.stages} does not build.")
+    check_stages(self.stages, self.dilation)
     block_type, stage_sizes = RESNET_ARCHS[self.arch]
     if block_type == "basic" and self.dilation:
       raise ValueError(f"config.model.dilation (DC5) needs a Bottleneck ResNet (resnet50/101); "

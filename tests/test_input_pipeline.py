@@ -238,6 +238,41 @@ def test_cached_epochs_are_uniform_shuffles_of_the_same_examples(tmp_path):
   assert cached[0] != cached[1] and cached[0] != plain[0]
 
 
+def test_pipelines_run_without_autotuning_and_give_the_same_batches(tmp_path, monkeypatch):
+  # Ending an autotuned iterator waits for its autotuning thread (up to 60 s): every epoch and
+  # every evaluation ends one. Without autotuning the batches must not change.
+  config = _shapes_config(tmp_path)
+  real = input_pipeline.without_autotune
+
+  def batches(wrap, cache_train):
+    config.dataset.cache_train = cache_train
+    monkeypatch.setattr(input_pipeline, "without_autotune", wrap)
+    it = input_pipeline.create_train_iterator(config, 0, 0, 1)
+    train = [next(it) for _ in range(5)]  # across two epoch boundaries (2 batches per epoch)
+    return train + list(input_pipeline.create_eval_iterator(config, 0, 1))
+
+  for cache_train in (False, True):
+    autotuned = []
+
+    def recording(ds):
+      autotuned.append(ds.options().autotune.enabled)
+      out = real(ds)
+      autotuned.append(out.options().autotune.enabled)
+      return out
+
+    plain = batches(recording, cache_train)
+    # Three train epochs and one evaluation, each turned from autotuned (None: tf.data's default,
+    # on) to not.
+    assert len(autotuned) == 8 and autotuned[1::2] == [False] * 4, autotuned
+    assert all(enabled in (None, True) for enabled in autotuned[0::2]), autotuned
+    tuned = batches(lambda ds: ds, cache_train)
+    assert len(plain) == len(tuned) == 6
+    for i, (a, b) in enumerate(zip(plain, tuned)):
+      assert a.keys() == b.keys()
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} of batch {i}")
+
+
 def test_make_global_batch():
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   batch = {"images": np.arange(jax.device_count() * 6, dtype=np.float32).reshape(-1, 2, 3),

@@ -261,6 +261,21 @@ def _count_usable(source, split):
   return _COUNT_CACHE[key]
 
 
+def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """`ds` without tf.data's autotuning thread (parallel maps then run on one thread per core).
+
+  The train loop ends an iterator at every epoch, an evaluation at every eval. Destroying an
+  autotuned iterator joins its autotuning thread, which sleeps up to 60 s between rounds
+  (`kOptimizationPeriodMaxMs` in TensorFlow's tensorflow/core/framework/model.h): the train loop
+  then waited 17-29 s for the first batch of a new epoch at most epoch boundaries after the
+  first few minutes, with every thread of the process asleep. The batches are the same either
+  way (every map here is `deterministic=True`).
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options)
+
+
 def _epoch_seed(seed, epoch):
   return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
 
@@ -352,7 +367,7 @@ class TrainIterator(Iterator[dict]):
     ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.padded_batch(self._batch_size, drop_remainder=True)
     ds = ds.map(functools.partial(_pad_to_bucket, buckets=self._buckets))
-    return ds.prefetch(2)
+    return without_autotune(ds.prefetch(2))
 
   def _generate(self, start_step):
     epoch, skip_batches = divmod(start_step, self.steps_per_epoch)
@@ -470,7 +485,7 @@ def create_eval_iterator(config, process_index=None, process_count=None) -> Iter
   # Batches of one padded shape each (the last of each shape may be short).
   ds = ds.group_by_window(_shape_key, lambda _, window: window.batch(batch_size),
                           window_size=batch_size)
-  return _eval_batches(ds.prefetch(2), batch_size, max_boxes)
+  return _eval_batches(without_autotune(ds.prefetch(2)), batch_size, max_boxes)
 
 
 def _eval_batches(ds, batch_size, max_boxes):

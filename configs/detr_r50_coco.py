@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.denoising_groups = 0
   model.denoising_box_noise = 0.4
   model.denoising_label_noise = 0.2
+  # The class head's initial bias: > 0 starts every sigmoid score at this probability (focal loss,
+  # Lin et al. 2017; Deformable DETR uses 0.01 with loss.label_loss="sigmoid_focal"). 0: PyTorch's
+  # default Linear init (official).
+  model.class_prior_prob = 0.0
   model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
   model.attention_implementation = None  # None (XLA) | "cudnn" (jax.nn.dot_product_attention)
   # 1x1 convolutions and the stem's max pooling: "auto" (a matmul and nine strided slices on CPU,

@@ -548,6 +548,29 @@ def test_heads_and_backbone_initialisation(tiny_variables):
     assert np.all(np.asarray(value) == expected), leaf_path
 
 
+def test_class_prior_prob_starts_every_sigmoid_score_there(tiny_variables):
+  config = _tiny_config(class_prior_prob=0.01, aux_loss=True)
+  model = build_model(config)
+  images, pixel_mask = _inputs(batch=2, height=32, width=32)
+  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), images, pixel_mask))()
+  bias = np.asarray(variables["params"]["class_embed"]["bias"])
+  np.testing.assert_allclose(bias, -math.log(99), rtol=1e-6)  # sigmoid(bias) = 0.01
+  # The same tree and the same kernels: only the class bias differs from the default init.
+  default = flax.traverse_util.flatten_dict(tiny_variables["params"], sep="/")
+  prior = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  assert default.keys() == prior.keys()
+  for path in default:
+    if path != "class_embed/bias":
+      np.testing.assert_array_equal(default[path], prior[path], err_msg=path)
+  # The scores at init: sigmoid(hidden @ W - log 99), close to 0.01 when the kernel term is small.
+  out = model.apply(variables, images, pixel_mask)
+  scores = jax.nn.sigmoid(out["pred_logits"])
+  assert abs(float(jnp.median(scores)) - 0.01) < 0.01
+  for bad in (-0.1, 1.0):
+    with pytest.raises(ValueError, match="class_prior_prob"):
+      build_model(_tiny_config(class_prior_prob=bad))
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_backbone_width_scales_every_conv(arch):
   """`backbone_width` w: every conv of the standard (w = 64) ResNet with its channels times w/64

@@ -128,6 +128,11 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
   if box_noise < 0 or not 0 <= label_noise <= 1:
     raise ValueError(f"config.model.denoising_box_noise={box_noise} must be >= 0 and "
                      f"denoising_label_noise={label_noise} in [0, 1].")
+  class_prior_prob = float(cfg.get("class_prior_prob", 0.0))
+  if not 0 <= class_prior_prob < 1:
+    raise ValueError(f"config.model.class_prior_prob={class_prior_prob}: use 0 (PyTorch's "
+                     "default init, official) or a probability in (0, 1), e.g. 0.01 with a "
+                     "sigmoid label loss.")
   return DETR(
       backbone=cfg.backbone,
       dilation=bool(cfg.get("dilation", False)),
@@ -156,6 +161,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DETR:
       denoising_groups=denoising_groups,
       denoising_box_noise=box_noise,
       denoising_label_noise=label_noise,
+      class_prior_prob=class_prior_prob,
       dtype=DTYPES[dtype_name])
 
 

@@ -5,6 +5,7 @@ downsampled with PyTorch's nearest rule, positions use the sine (or learned) emb
 same two heads serve every decoder layer (aux outputs for layers 0..L-2).
 """
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -111,6 +112,10 @@ class DETR(nn.Module):
   denoising_groups: int = 0
   denoising_box_noise: float = 0.4
   denoising_label_noise: float = 0.2
+  # > 0: every class logit's bias starts at -log((1 - p) / p), so each sigmoid score starts at p
+  # (Lin et al., "Focal Loss for Dense Object Detection", Sec. 4.1; Deformable DETR's class head).
+  # 0: PyTorch's default Linear init (official DETR).
+  class_prior_prob: float = 0.0
   dtype: Any = jnp.float32
 
   def _query_block(self, name: str, count: int, d_model: int, pos_mlp):
@@ -325,8 +330,13 @@ class DETR(nn.Module):
     if capture_attention:
       hidden, attention = hidden
 
+    if self.class_prior_prob > 0:
+      class_bias_init = nn.initializers.constant(
+          -math.log((1 - self.class_prior_prob) / self.class_prior_prob))
+    else:
+      class_bias_init = transformer_lib.torch_bias_init(d_model)
     logits = nn.Dense(self.num_classes + 1, kernel_init=transformer_lib.torch_kernel_init,
-                      bias_init=transformer_lib.torch_bias_init(d_model), dtype=self.dtype,
+                      bias_init=class_bias_init, dtype=self.dtype,
                       param_dtype=jnp.float32, name="class_embed")(hidden)
     logits = logits.astype(jnp.float32)
     if self.box_refinement:  # computed layer by layer in the decoder

@@ -4,6 +4,7 @@ Needs the `tpu` extra (libtpu); skipped, saying so, where it is not installed.
 """
 
 import importlib.util
+import math
 
 import pytest
 
@@ -37,11 +38,12 @@ def test_tiny_train_and_eval_steps_compile_for_v5e_2x2():
   assert "| train | 64x64 | 2 |" in table and "Everything fits." in table
 
 
-def test_a_bucket_too_large_does_not_fit_and_a_smaller_batch_is_named(monkeypatch):
+def test_a_bucket_too_large_for_one_image_does_not_fit(monkeypatch):
+  # A program that fits takes the TPU compiler minutes at this size (96 s for one 3584 x 3584
+  # image per chip); a refusal takes seconds. So the real compiler is asked only for refusals
+  # here, and the search for the largest batch that fits is checked below with a stand-in.
   config = tiny_test.get_config()
-  config.dataset.buckets = [(3584, 3584)]  # 2 images of 3584 x 3584 per chip: > 16 GiB
-  # Every compilation the plan makes, with its verdict: the search must have compiled the batch
-  # it names (fits) and the one above it (does not), so the test needs no compilations of its own.
+  config.dataset.buckets = [(5120, 5120)]  # one image of 5120 x 5120 per chip: > 16 GiB
   compiled = {}
   real_compile = tpu_plan.compile_train_step
 
@@ -54,18 +56,47 @@ def test_a_bucket_too_large_does_not_fit_and_a_smaller_batch_is_named(monkeypatc
   monkeypatch.setattr(tpu_plan, "compile_train_step", recording_compile)
   plan = tpu_plan.plan(config, "v5e:2x2", per_chip_batch=2, programs=("train",))
   (step,) = plan.steps
-  assert step.bucket == (3584, 3584)
+  assert step.bucket == (5120, 5120)
   # The TPU compiler refuses it (RESOURCE_EXHAUSTED) and says how much it needed.
   assert not step.fits and "RESOURCE_EXHAUSTED" in step.error
-  assert step.temp_bytes > 0.9 * tpu_plan.CHIPS["v5e"]["hbm_bytes"]
-  # The largest smaller batch that compiles, and the next one up does not.
-  assert 0 < step.fitting_batch < 2
-  assert compiled[step.fitting_batch] is True
-  assert compiled[step.fitting_batch + 1] is False
+  assert step.temp_bytes > tpu_plan.CHIPS["v5e"]["hbm_bytes"]
+  # The search compiled one image per chip too, and that was refused as well.
+  assert compiled == {2: False, 1: False} and step.fitting_batch == 0
   table = tpu_plan.format_plan(plan, tpu_plan.planning_config(config), mfu=0.4)
   assert "| NO |" in table
   assert "does NOT fit at 2 images per chip" in table
-  assert f"{step.fitting_batch} images per chip compile" in table
+  assert "not even 1 image per chip compiles" in table
+
+
+def test_the_largest_fitting_batch_is_searched_for(monkeypatch):
+  # The search of `plan` for a step the compiler refuses, with a stand-in compiler whose
+  # programs fit up to 5 images per chip.
+  config = tiny_test.get_config()
+  compiled = []
+
+  def fake_compile(config, mesh, per_chip_batch, bucket):
+    compiled.append(per_chip_batch)
+    fits = per_chip_batch <= 5
+    return tpu_plan.StepPlan("train", tuple(bucket), per_chip_batch, fits=fits,
+                             temp_bytes=per_chip_batch * 3 * 2**30,
+                             error="" if fits else "RESOURCE_EXHAUSTED: stand-in")
+
+  monkeypatch.setitem(tpu_plan._COMPILERS, "train", fake_compile)  # pylint: disable=protected-access
+  monkeypatch.setattr(tpu_plan, "compile_train_step", fake_compile)
+  for per_chip_batch, expected in ((16, 5), (6, 5), (40, 5), (1, None)):
+    compiled.clear()
+    plan = tpu_plan.plan(config, "v5e:2x2", per_chip_batch=per_chip_batch, programs=("train",))
+    (step,) = plan.steps
+    if expected is None:  # 1 image per chip fits: no search
+      assert step.fits and compiled == [1]
+      continue
+    assert not step.fits and step.fitting_batch == expected
+    assert compiled[0] == per_chip_batch
+    assert expected in compiled and expected + 1 in compiled  # both sides of the boundary
+    assert len(compiled) <= 1 + math.ceil(math.log2(per_chip_batch))  # a binary search
+    table = tpu_plan.format_plan(plan, tpu_plan.planning_config(config), mfu=0.4)
+    assert f"does NOT fit at {per_chip_batch} images per chip" in table
+    assert f"{expected} images per chip compile" in table
 
 
 def test_unknown_generation_and_missing_class_count_are_clear_errors():

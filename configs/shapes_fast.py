@@ -14,8 +14,9 @@ without the cache gave AP 0.303 and 0.275 for the same seeds in 5.3 and 5.6 minu
 clone (README install, then the command below as it is): 3000 steps in 6.0 minutes, AP 0.329,
 AP50 0.691, AP75 0.277, the same numbers as the warm tree's seed 0.
 Those runs included waits of 17-29 s at some epoch boundaries, since fixed (README, "Epoch
-boundaries stalled the loop"): rerun without them (warm tree, seed 0), the same AP 0.329 in 6.6
-minutes, on a day when every 100 steps took 11-14 s instead of about 9.
+boundaries stalled the loop"): rerun without them, the same AP 0.329 in 6.6 minutes (warm tree)
+and 6.1 minutes (fresh clone, the command below as it is), on a day when every 100 steps took
+11-14 s instead of about 9.
 Not exportable to PyTorch (torchvision's ResNet has width 64): use configs/shapes.py for that.
 
 Command:

@@ -240,7 +240,8 @@ def test_cached_epochs_are_uniform_shuffles_of_the_same_examples(tmp_path):
 
 def test_pipelines_run_without_autotuning_and_give_the_same_batches(tmp_path, monkeypatch):
   # Ending an autotuned iterator waits for its autotuning thread (up to 60 s): every epoch and
-  # every evaluation ends one. Without autotuning the batches must not change.
+  # every evaluation ends one. Without autotuning the batches must not change (the images up to
+  # float round-off: 1.9e-5 seen).
   config = _shapes_config(tmp_path)
   real = input_pipeline.without_autotune
 
@@ -270,7 +271,11 @@ def test_pipelines_run_without_autotuning_and_give_the_same_batches(tmp_path, mo
     for i, (a, b) in enumerate(zip(plain, tuned)):
       assert a.keys() == b.keys()
       for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} of batch {i}")
+        if key == "images":  # TF's resize may split its work differently: float round-off
+          np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-4,
+                                     err_msg=f"{key} of batch {i}")
+        else:
+          np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} of batch {i}")
 
 
 def test_make_global_batch():

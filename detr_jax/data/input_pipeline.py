@@ -269,7 +269,8 @@ def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
   (`kOptimizationPeriodMaxMs` in TensorFlow's tensorflow/core/framework/model.h): the train loop
   then waited 17-29 s for the first batch of a new epoch at most epoch boundaries after the
   first few minutes, with every thread of the process asleep. The batches are the same either
-  way (every map here is `deterministic=True`).
+  way (every map here is `deterministic=True`): boxes, labels and masks exactly, the images up to
+  float round-off of their resize (at most 1.9e-5 seen).
   """
   options = tf.data.Options()
   options.autotune.enabled = False

@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.denoising_groups = 0
   model.denoising_box_noise = 0.4
   model.denoising_label_noise = 0.2
-  # The class head's initial bias: > 0 starts every sigmoid score at this probability (focal loss,
+  # The class head's initial bias: > 0 starts every sigmoid score near this probability (focal loss,
   # Lin et al. 2017; Deformable DETR uses 0.01 with loss.label_loss="sigmoid_focal"). 0: PyTorch's
   # default Linear init (official).
   model.class_prior_prob = 0.0

@@ -262,7 +262,7 @@ def _count_usable(source, split):
 
 
 def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """`ds` without tf.data's autotuning thread (parallel maps then run on one thread per core).
+  """`ds` without tf.data's autotuning thread.
 
   The train loop ends an iterator at every epoch, an evaluation at every eval. Destroying an
   autotuned iterator joins its autotuning thread, which sleeps up to 60 s between rounds

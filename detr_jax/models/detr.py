@@ -112,7 +112,7 @@ class DETR(nn.Module):
   denoising_groups: int = 0
   denoising_box_noise: float = 0.4
   denoising_label_noise: float = 0.2
-  # > 0: every class logit's bias starts at -log((1 - p) / p), so each sigmoid score starts at p
+  # > 0: every class logit's bias starts at -log((1 - p) / p), so each sigmoid score starts near p
   # (Lin et al., "Focal Loss for Dense Object Detection", Sec. 4.1; Deformable DETR's class head).
   # 0: PyTorch's default Linear init (official DETR).
   class_prior_prob: float = 0.0

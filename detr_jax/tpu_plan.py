@@ -20,6 +20,7 @@ Figures are XLA's estimates for one chip of the SPMD program; the step time assu
 input pipeline and the matching callback keep up. Library use: `plan(config, topology)`.
 """
 
+import contextlib
 import dataclasses
 import re
 import os
@@ -29,6 +30,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 
 from detr_jax import inference
@@ -166,11 +168,29 @@ def _flops(compiled) -> float:
 _OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)")
 
 
+@contextlib.contextmanager
+def _no_persistent_cache():
+  """JAX's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`) off for the block.
+
+  A program compiled for compile-only TPU devices cannot be loaded back from the cache on a
+  machine without a TPU: JAX would warn that it cannot read the entry and compile again.
+  """
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # JAX decides once whether the cache is used
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
 def _compile(program: str, bucket, per_chip_batch: int, lowered_fn) -> StepPlan:
   """Compiles `lowered_fn()`; a program the TPU compiler finds too large for HBM does not fit."""
   start = time.perf_counter()
   try:
-    compiled = lowered_fn().compile()
+    with _no_persistent_cache():
+      compiled = lowered_fn().compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

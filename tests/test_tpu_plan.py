@@ -5,7 +5,10 @@ Needs the `tpu` extra (libtpu); skipped, saying so, where it is not installed.
 
 import importlib.util
 import math
+import os
+import warnings
 
+import jax
 import pytest
 
 from configs import tiny_test
@@ -36,6 +39,16 @@ def test_tiny_train_and_eval_steps_compile_for_v5e_2x2():
           > 2 * eval_step.flops / eval_step.per_chip_batch)
   table = tpu_plan.format_plan(plan, config, mfu=0.4)
   assert "| train | 64x64 | 2 |" in table and "Everything fits." in table
+
+  # The same program again, with JAX's persistent compilation cache on (tests/conftest.py sets
+  # JAX_COMPILATION_CACHE_DIR): a program for compile-only TPU devices cannot be read back from
+  # it without a TPU (JAX warns and compiles again), so it is never written there.
+  assert os.environ.get("JAX_COMPILATION_CACHE_DIR") and jax.config.jax_enable_compilation_cache
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=".*persistent compilation cache.*")
+    again = tpu_plan.plan(config, "v5e:2x2", programs=("eval",))
+  assert again.steps[0].flops == eval_step.flops
+  assert jax.config.jax_enable_compilation_cache  # on again for the other programs
 
 
 def test_a_bucket_too_large_for_one_image_does_not_fit(monkeypatch):

@@ -80,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
   model.attention_implementation = None  # None (XLA) | "cudnn" (jax.nn.dot_product_attention)
   # 1x1 convolutions and the stem's max pooling: "auto" (a matmul and nine strided slices on CPU,
-  # where XLA's gradients of both are slow; XLA's own ops elsewhere) | "xla" | "dot". Same
-  # parameters and values either way.
+  # where XLA's gradients of both are slow, and kernels larger than their map as a matmul over
+  # patches; XLA's own ops elsewhere) | "xla" | "dot". Same parameters and values either way.
   model.conv_implementation = "auto"
   # Kernels of the other convolutions, a compile option: "auto" ("eigen" on CPU: XLA's own
   # convolutions, whose gradients are faster there than YNNPACK's; XLA's defaults elsewhere) |

@@ -109,11 +109,7 @@ def _patch_conv(lhs, rhs, window_strides, padding, precision, preferred_element_
   (top, bottom), (left, right) = padding
   x = lax.pad(lhs, jnp.zeros((), lhs.dtype),
               ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-  stride_h, stride_w = window_strides
-  out_h = (x.shape[1] - kh) // stride_h + 1
-  out_w = (x.shape[2] - kw) // stride_w + 1
-  views = [x[:, i:i + stride_h * (out_h - 1) + 1:stride_h, j:j + stride_w * (out_w - 1) + 1:stride_w]
-           for i in range(kh) for j in range(kw)]
+  views = _window_views(x, (kh, kw), window_strides)
   patches = jnp.concatenate(views, axis=-1)  # [B, out_h, out_w, kh * kw * in], (i, j, in) order
   return _channel_matmul(patches, rhs.reshape(kh * kw * cin, cout), precision,
                          preferred_element_type)
@@ -173,14 +169,23 @@ def max_pool(implementation: str) -> Callable:
   return lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+def _window_views(padded, window, strides):
+  """The kh * kw strided views [B, out_h, out_w, C] of a window over an already padded
+  [B, H, W, C] map (no dilation), in row-major window order: view (i, j) holds the element at
+  offset (i, j) of every window."""
+  (kh, kw), (stride_h, stride_w) = window, strides
+  out_h = (padded.shape[1] - kh) // stride_h + 1
+  out_w = (padded.shape[2] - kw) // stride_w + 1
+  return [padded[:, i:i + stride_h * (out_h - 1) + 1:stride_h,
+                 j:j + stride_w * (out_w - 1) + 1:stride_w]
+          for i in range(kh) for j in range(kw)]
+
+
 def _pool_windows(x):
   """The nine strided views [B, h, w, C] of a 3x3 stride-2 pooling of x [B, H, W, C] padded by 1
   with -inf, in row-major window order; and the padded input's shape."""
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  out_h, out_w = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
-  views = [padded[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2, :]
-           for i in range(3) for j in range(3)]
-  return views, padded.shape
+  return _window_views(padded, (3, 3), (2, 2)), padded.shape
 
 
 @jax.custom_vjp

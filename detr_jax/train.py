@@ -112,8 +112,22 @@ def init_variables(config, model, rng) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ update step
+def _donated_state(mesh) -> tuple[int, ...]:
+  """`donate_argnums` of the train step: its state on accelerators, nothing on the CPU.
+
+  Donated, the state's buffers are the new state's: an accelerator holds one copy of the
+  parameters and AdamW moments instead of two. XLA then copies every moment it updates in place
+  before the update (the parameter's update and the moment's both read the old moment): 280
+  copies per step of `configs/shapes_fast.py`, 12 ms of a 75 ms step on a 2-core CPU, where
+  memory is not short. Without donation the step was 1.15x faster there (medians of 30
+  interleaved steps on a fixed batch); the values are the same.
+  """
+  return () if mesh.devices.flat[0].platform == "cpu" else (0,)
+
+
 def make_train_step(config, model, tx, labels, mesh, schedules):
-  """Returns jitted `train_step(state, batch) -> (state, metrics)`; the state is donated."""
+  """Returns jitted `train_step(state, batch) -> (state, metrics)`; the state is donated on
+  accelerators (`_donated_state`)."""
   loss_config = config.loss
 
   def device_loss(params, batch_stats, batch, rng):
@@ -164,7 +178,7 @@ def make_train_step(config, model, tx, labels, mesh, schedules):
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
   return jax.jit(train_step, in_shardings=(replicated, data),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,),
+                 out_shardings=(replicated, replicated), donate_argnums=_donated_state(mesh),
                  compiler_options=conv_lib.program_compiler_options(model, mesh))
 
 

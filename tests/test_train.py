@@ -99,6 +99,19 @@ def test_eight_devices_match_one_device(tiny_config, one_device):
   assert not np.allclose(params_8["class_embed"]["kernel"], initial["class_embed"]["kernel"])
 
 
+def test_cpu_train_step_neither_donates_nor_copies_its_state(tiny_config, one_device):
+  """On the CPU the state is not donated, so XLA copies no AdamW moment before updating it."""
+  mesh, state, step_fn = one_device
+  batch = train.global_batch(_synthetic_batch(tiny_config, 0), mesh)
+  hlo = step_fn.lower(state, batch).compile().as_text()
+  assert "input_output_alias" not in hlo.splitlines()[0]
+  copies = [line for line in hlo.splitlines() if "copy(%state_opt_state" in line]
+  assert not copies, f"{len(copies)} copies of the optimizer state, e.g. {copies[0][:200]}"
+  # A donated step of the same state aliases it to the outputs (the accelerator setting).
+  donated = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=(0,))
+  assert "input_output_alias" in donated.lower(state).compile().as_text().splitlines()[0]
+
+
 def test_overfits_one_batch(tiny_config, one_device):
   mesh, state, step_fn = one_device
   batch = _synthetic_batch(tiny_config, seed=7)

@@ -42,7 +42,8 @@ def get_config():
   ds.eval_max_size = 96
   ds.buckets = ((96, 96),)
   ds.cache_train = True
-  config.num_train_steps = 4000
+  config.num_train_steps = 4500
+  config.loss.matcher = "hungarian_device"
   config.optimizer.warmup_steps = 50
   config.checkpoint_every_steps = 1000
   return config

@@ -7,6 +7,7 @@
 `lax.pmean` and the optimizer update runs replicated under `jax.jit`.
 """
 
+import collections
 import functools
 import json
 import os
@@ -193,6 +194,44 @@ def build(config, mesh, total_steps: int):
   return model, tx, labels, schedules
 
 
+# Train steps built in this process, by what their program depends on: the model, loss and
+# optimizer fields, the schedule's length and the mesh. A second `train_and_evaluate` of the same
+# program (a resumed run, another seed, another workdir) reuses the step XLA already compiled.
+# JAX's persistent compilation cache cannot hold a step that calls back to the host (the scipy
+# matcher), so it would otherwise compile again: about 10 s for configs/tiny_test.py on 8 CPU
+# devices. The few most recent are kept.
+_BUILT_STEPS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_MAX_BUILT_STEPS = 4
+
+
+def _program_key(config, mesh, total_steps: int) -> tuple:
+  return (config.model.to_json(), config.loss.to_json(), config.optimizer.to_json(),
+          int(config.steps_per_epoch), int(total_steps), tuple(mesh.axis_names),
+          mesh.devices.shape, tuple(int(d.id) for d in mesh.devices.flat))
+
+
+def build_train_step(config, mesh, total_steps: int):
+  """`build` and `make_train_step` for a resolved config, reused within the process.
+
+  Returns:
+    (model, tx, labels, schedules, train_step); the same objects for a config whose model, loss,
+    optimizer, steps per epoch and total steps are equal, on the same mesh (the jitted step then
+    runs without compiling again).
+  """
+  key = _program_key(config, mesh, total_steps)
+  if key in _BUILT_STEPS:
+    _BUILT_STEPS.move_to_end(key)
+    logging.info("Reusing this process's train step of the same model, loss and optimizer.")
+    return _BUILT_STEPS[key]
+  model, tx, labels, schedules = build(config, mesh, total_steps)
+  built = (model, tx, labels, schedules,
+           make_train_step(config, model, tx, labels, mesh, schedules))
+  _BUILT_STEPS[key] = built
+  while len(_BUILT_STEPS) > _MAX_BUILT_STEPS:
+    _BUILT_STEPS.popitem(last=False)
+  return built
+
+
 def global_batch(local: dict[str, np.ndarray], mesh, keys=TRAIN_KEYS):
   from detr_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   return input_pipeline.make_global_batch({k: local[k] for k in keys}, mesh)
@@ -279,8 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   check_batch_sizes(config, mesh)
   logging.info("Mesh: %d devices on %d processes.", mesh.devices.size, jax.process_count())
 
-  # --- Model and optimizer.
-  model, tx, labels, schedules = build(config, mesh, total_steps)
+  # --- Model, optimizer and update step (sharding: params replicated, batch split over "data").
+  model, tx, labels, schedules, train_step = build_train_step(config, mesh, total_steps)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
 
@@ -303,9 +342,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # --- Input (resumes at `step`: batch k depends on (seed, k) only).
   train_iter = input_pipeline.create_train_iterator(config, start_step=step)
-
-  # --- Update step (sharding: params replicated, batch split over "data").
-  train_step = make_train_step(config, model, tx, labels, mesh, schedules)
 
   # --- Evals.
   eval_every = int(config.get("eval_every_steps", 0))

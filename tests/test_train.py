@@ -112,6 +112,27 @@ def test_cpu_train_step_neither_donates_nor_copies_its_state(tiny_config, one_de
   assert "input_output_alias" in donated.lower(state).compile().as_text().splitlines()[0]
 
 
+def test_a_second_run_of_the_same_program_reuses_the_train_step(tiny_config):
+  mesh = train.create_mesh(jax.devices()[:1])
+  first = train.build_train_step(tiny_config, mesh, 100)
+  other_seed = tiny_config.copy_and_resolve_references()
+  other_seed.seed += 1
+  other_seed.eval_every_steps = 1
+  assert train.build_train_step(other_seed, mesh, 100)[4] is first[4]
+  other_lr = tiny_config.copy_and_resolve_references()
+  other_lr.optimizer.lr *= 2
+  assert train.build_train_step(other_lr, mesh, 100)[4] is not first[4]
+  assert train.build_train_step(tiny_config, mesh, 101)[4] is not first[4]
+  assert train.build_train_step(tiny_config, train.create_mesh(jax.devices()), 100)[4] is not (
+      first[4])
+  # The most recent few are kept: the first is gone after enough other programs.
+  for lr in range(train._MAX_BUILT_STEPS):  # pylint: disable=protected-access
+    config = tiny_config.copy_and_resolve_references()
+    config.optimizer.lr = 1e-5 * (lr + 1)
+    train.build_train_step(config, mesh, 100)
+  assert train.build_train_step(tiny_config, mesh, 100)[4] is not first[4]
+
+
 def test_overfits_one_batch(tiny_config, one_device):
   mesh, state, step_fn = one_device
   batch = _synthetic_batch(tiny_config, seed=7)

@@ -18,17 +18,18 @@ Model: the 6-minute shapes recipe (configs/shapes_fast.py: a quarter-width ResNe
 scratch whose transformer reads layer3's stride-16 map, 2 encoder and 3 decoder layers of width
 128, 8 object queries, the decoded training images kept in memory, batch 16, a cosine schedule)
 on images resized to a 144 px short side, at most 192 px, fitted to about 20 minutes of this
-2-core CPU (3800 steps of about 0.30 s). 8 queries suit the synthetic folder's at most 6 objects
+2-core CPU (3800 steps of about 0.3 s). 8 queries suit the synthetic folder's at most 6 objects
 per image: for your folder, set `dataset.max_boxes` to the most objects an image has (the job
 logs the boxes it drops beyond it) and `model.num_queries` a little above it; too many queries
 draw the same object twice (README, "Matching and loss").
-Reaches, on the synthetic folder (the command above; warm working tree, this 2-core CPU, one
-seed): AP 0.278, AP50 0.734, AP75 0.132 on its 200 validation images after 3800 steps in 19.5
-minutes of training (AP50 0.600 at step 1900, 10.0 minutes); at the drawing threshold 0.5, 994
-detections, 566 of them right, 227 duplicates in 140 of the 200 images, 107 objects missed.
-On a fresh clone (README install, the command above as typed) the same AP to the last digit,
-in 22.9 minutes (a slower hour of this machine: 0.36 s per step). The recipe before (4 stages at
-160-224 px, 30 queries, 3900 steps) gave AP50 0.128 in 19.5 minutes.
+Reaches, on the synthetic folder (the command above, one seed, this 2-core CPU), on a fresh
+clone (README install, the command above as typed): AP 0.269, AP50 0.697, AP75 0.128 on its 200
+validation images after 3800 steps in 20.3 minutes of training (AP50 0.501 at step 1900, 9.7
+minutes); at the drawing threshold 0.5, 1004 detections, 554 of them right, 249 duplicates in
+149 of the 200 images, 119 objects missed. The same recipe with the matching on the host and the
+train state donated (warm working tree) gave AP 0.278, AP50 0.734 in 19.5 minutes (22.9 minutes
+on a fresh clone in a slower hour); README, "Matching and loss", has both. The recipe before (4
+stages at 160-224 px, 30 queries, 3900 steps) gave AP50 0.128 in 19.5 minutes.
 """
 
 from configs import shapes

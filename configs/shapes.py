@@ -1,8 +1,9 @@
 r"""A small DETR trained from scratch on the synthetic shapes dataset: the CPU demo.
 
 Reaches: COCO AP50 0.883 / AP 0.553 on the 500 shapes validation images after 2500 steps
-(earlier measurement). Speed on a fresh clone, 2-core CPU, jax CPU, float32: 0.60-0.66 s per step
-of 16 images (steps 100-300), about 27 minutes of training in all.
+(earlier measurement). Speed on a fresh clone, 2-core CPU, jax CPU, float32: 0.48-0.50 s per step
+of 16 images (steps 100-300; the log's ETA said about 22 minutes of training in all); 0.60-0.66 s
+(about 27 minutes) before the CPU train step stopped donating its state.
 Hardware: any CPU (measured on 2 cores); a GPU runs it in a few minutes.
 Data: the shapes TFDS builder (detr_jax/data/shapes.py) is generated on first use under
 `dataset.data_dir` (no download; about a minute).

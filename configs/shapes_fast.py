@@ -21,9 +21,10 @@ Reaches (val, 500 images, after its 4500 steps; warm working tree, this 2-core C
 below with --config.seed=S): seed 0 AP 0.591, AP50 0.919, AP75 0.684 in 5.6 minutes of training;
 seed 1 AP 0.587, AP50 0.922, AP75 0.664 in 6.0 minutes. On a fresh clone (README install, the
 command as it is) seed 0's numbers again, in 6.2 minutes (a slower hour). At lr 3e-4 with 50
-warmup steps (the recipe before): AP 0.511, AP50 0.873 in 5.4 minutes (5.9 on a fresh clone, the same numbers);
-4000 steps with host matching gave AP 0.491 and 0.474 for seeds 0 and 1. README, "Matching and
-loss", has the steps between them. Still short of the goal of AP 0.65 in 6 minutes.
+warmup steps (the recipe before): AP 0.511, AP50 0.873 in 5.4 minutes (5.9 on a fresh clone, the
+same numbers); 4000 steps with host matching gave AP 0.491 and 0.474 for seeds 0 and 1. README,
+"Matching and loss", has the steps between them. Still short of the goal of AP 0.65 in 6
+minutes.
 Not exportable to PyTorch (torchvision's ResNet has width 64 and 4 stages): use
 configs/shapes.py for that.
 

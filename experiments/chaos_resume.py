@@ -3,11 +3,12 @@ r"""Kill -9 at any moment loses nothing: a training run SIGKILLed again and agai
 Trains `configs/tiny_test.py` (with the matching inside the compiled step, so that every run
 after the first loads its train step from JAX's persistent compilation cache, kept under the
 root directory unless JAX_COMPILATION_CACHE_DIR is set) straight through with
-`python -m detr_jax.main`, then trains it again in a fresh workdir, sending SIGKILL at random moments and restarting the same command until
-it finishes. Every checkpoint step is saved (`checkpoint_every_steps=1`, `keep_checkpoints=2`, so
-old checkpoints are being deleted as well), so kills land while a step runs, while an asynchronous
-checkpoint is being written (the killer watches for orbax's temporary step directory) and while
-the process starts or restores. It checks:
+`python -m detr_jax.main`, then trains it again in a fresh workdir, sending SIGKILL at random
+moments and restarting the same command until it finishes. Every checkpoint step is saved
+(`checkpoint_every_steps=1`, `keep_checkpoints=2`, so old checkpoints are being deleted as well),
+so kills land while a step runs, while an asynchronous checkpoint is being written (the killer
+watches for orbax's temporary step directory) and while the process starts or restores. It
+checks:
   * the final train state (parameters, optimizer state, step, RNG) equals the straight run's, bit
     for bit;
   * every restart restored a checkpoint that was complete when the previous process was killed,

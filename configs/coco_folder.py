@@ -73,8 +73,8 @@ def get_config():
   config.eval_batch_size = 16
   config.num_train_steps = 3800
   config.steps_per_epoch = -1  # from the number of training images
-  # The learning rate of configs/shapes_fast.py: 5e-4 (from 3e-4) for the backbone and the
-  # transformer, warmed up over 300 steps.
+  # A faster learning rate, as in configs/shapes_fast.py: 5e-4 (from 3e-4) for the backbone and
+  # the transformer, warmed up over 300 steps (README, "Matching and loss").
   config.optimizer.lr = 5e-4
   config.optimizer.lr_backbone = 5e-4
   config.optimizer.warmup_steps = 300

@@ -23,14 +23,15 @@ the synthetic folder's at most 6 objects per image: for your folder, set `datase
 the most objects an image has (the job logs the boxes it drops beyond it) and
 `model.num_queries` a little above it; too many queries draw the same object twice (README,
 "Matching and loss").
-Reaches, on the synthetic folder (the command above, one seed, this 2-core CPU), on a fresh
-clone (README install, the command above as typed): AP 0.347, AP50 0.814, AP75 0.195 on its 200
-validation images after 3800 steps in 17.9 minutes of training (AP50 0.611 at step 1900, 9.0
-minutes); at the drawing threshold 0.5, 909 detections, 596 of them right, 195 duplicates in 138
-of the 200 images, 77 objects missed. A run on a warm working tree gave AP 0.317, AP50 0.799 in
-18.0 minutes (two runs of this config, in two processes, log other losses from a few
-hundred steps on; not explained). At lr 3e-4 with 100 warmup steps (the recipe before) a fresh clone gave AP 0.269, AP50
-0.697 in 20.3 minutes. README, "Matching and loss", has the runs between them.
+Reaches, on the synthetic folder (the command above, one seed, this 2-core CPU), on a fresh clone
+(README install, the command above as typed): AP 0.347, AP50 0.814, AP75 0.195 on its 200 validation
+images after 3800 steps in 17.9 minutes of training (AP50 0.611 at step 1900, 9.0 minutes); at the
+drawing threshold 0.5, 909 detections, 596 of them right, 195 duplicates in 138 of the 200 images,
+77 objects missed. A run on a warm working tree gave AP 0.317, AP50 0.799 in 18.0 minutes; seed 1
+(--config.seed=1) AP 0.357, AP50 0.799 in 20.1 minutes, a slower hour (two runs of this config, in
+two processes, log other losses from a few hundred steps on; not explained). At lr 3e-4 with 100
+warmup steps (the recipe before) a fresh clone gave AP 0.269, AP50 0.697 in 20.3 minutes. README,
+"Matching and loss", has the runs between them.
 """
 
 from configs import shapes

@@ -94,6 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
   loss.cost_class = 1.0
   loss.cost_bbox = 5.0
   loss.cost_giou = 2.0
+  # w > 0 adds w * q / Q to query q's matching cost: a fixed priority between queries that
+  # predict the same box (fewer duplicates on short schedules). 0: official.
+  loss.cost_query_order = 0.0
   loss.class_cost_type = "softmax"  # matching class-cost term, see detr_jax.matching
   loss.label_loss = "softmax_ce"  # softmax_ce | sigmoid_focal | varifocal
   loss.eos_coef = 0.1

@@ -12,6 +12,7 @@ misspelling.
 
 import ast
 import difflib
+import math
 import os
 import runpy
 import tempfile
@@ -194,6 +195,10 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str | None = 
         f"config.model.one_to_many_queries={one_to_many} is smaller than config.loss."
         f"one_to_many_k * config.dataset.max_boxes = {k} * {max_boxes}: the repeated targets "
         f"need a query each; set --config.model.one_to_many_queries={k * max_boxes} or more.")
+  order = config.loss.get("cost_query_order", 0.0)
+  if not isinstance(order, (int, float)) or not math.isfinite(order):
+    raise ConfigError(f"config.loss.cost_query_order={order!r} must be a finite number (0: the "
+                      "official matching cost).")
   accum = int(config.optimizer.get("grad_accum_steps", 1))
   if accum < 1:
     raise ConfigError(f"config.optimizer.grad_accum_steps={accum} must be >= 1.")

@@ -4,7 +4,10 @@ Cost (official `models/matcher.py`, `HungarianMatcher.forward`, in facebookresea
 commit 29901c5): C = cost_class * class_cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU(xyxy)),
 with the class term picked by `config.loss.class_cost_type` from `CLASS_COSTS` ("softmax": the
 official -p[target class]; "focal": the Deformable DETR focal cost). The assignment carries no
-gradient.
+gradient. `config.loss.cost_query_order` w (0, the official cost, by default) adds w * q / Q to
+every cost of query q: a fixed priority between queries whose costs differ by less than
+w / Q, so that of two queries predicting the same box the lower-numbered one is always the match
+(`matching_cost`).
 
 Matchers share one signature and are picked by `config.loss.matcher` from `MATCHERS`:
 
@@ -86,10 +89,18 @@ def matching_cost(pred_logits, pred_boxes, target_labels, target_boxes, loss_con
     pred_boxes: [..., Q, 4] cxcywh in [0, 1].
     target_labels: [..., M] int32 class ids.
     target_boxes: [..., M, 4] cxcywh in [0, 1].
-    loss_config: `config.loss` (cost_class, cost_bbox, cost_giou, class_cost_type).
+    loss_config: `config.loss` (cost_class, cost_bbox, cost_giou, class_cost_type and
+      cost_query_order).
 
   Returns:
     [..., Q, M] float32 cost; columns of padding slots hold meaningless finite values.
+
+  `cost_query_order` w != 0 adds w * q / Q to row q. Two queries that predict the same box with
+  the same class probability are otherwise a tie the matcher breaks arbitrarily, image by image:
+  each is the match half of the time, the other is then trained towards "no object" with weight
+  `eos_coef`, and the cross-entropy's optimum for both is a confident score, 1 / (1 + eos_coef),
+  a duplicate detection. With the priority the lower-numbered query is the match every time, a
+  rule the decoder's self-attention between the two can learn. Not in the official DETR.
   """
   pred_logits = pred_logits.astype(jnp.float32)
   pred_boxes = pred_boxes.astype(jnp.float32)
@@ -100,9 +111,14 @@ def matching_cost(pred_logits, pred_boxes, target_labels, target_boxes, loss_con
   giou = box_ops.generalized_box_iou(
       box_ops.box_cxcywh_to_xyxy(pred_boxes), box_ops.box_cxcywh_to_xyxy(target_boxes))
   # Summed in the official order (bbox, class, giou) so float32 values agree to the last bit.
-  return (loss_config.get("cost_bbox", 5.0) * l1_cost
+  cost = (loss_config.get("cost_bbox", 5.0) * l1_cost
           + loss_config.get("cost_class", 1.0) * class_cost
           + loss_config.get("cost_giou", 2.0) * -giou)
+  order = float(loss_config.get("cost_query_order", 0.0))
+  if order:
+    num_queries = cost.shape[-2]
+    cost = cost + order * (jnp.arange(num_queries, dtype=jnp.float32) / num_queries)[:, None]
+  return cost
 
 
 def _prepare(cost, valid):

@@ -200,6 +200,53 @@ def test_shard_map_on_8_devices_equals_one_device(matcher, check_vma):
                             out_specs=P(None, "data")))(*sharded_inputs)
 
 
+def test_query_order_adds_the_rank_to_every_cost():
+  logits, boxes, targets = _random_batch(9, layers=2)
+  args = (logits, boxes, targets["labels"][None], targets["boxes"][None])
+  plain = np.asarray(matching.matching_cost(*args, _loss_config()))
+  ordered = np.asarray(matching.matching_cost(*args, _loss_config(cost_query_order=2.0)))
+  queries = logits.shape[2]
+  rank = 2.0 * np.arange(queries, dtype=np.float32) / queries  # 2 * q / Q on row q
+  np.testing.assert_allclose(ordered - plain, np.broadcast_to(rank[:, None], plain.shape),
+                             rtol=0, atol=1e-5)
+  # 0 is the official cost, bit for bit.
+  np.testing.assert_array_equal(
+      np.asarray(matching.matching_cost(*args, _loss_config(cost_query_order=0.0))), plain)
+
+
+@pytest.mark.parametrize("matcher", ["hungarian_host", "hungarian_device", "greedy"])
+def test_query_order_gives_a_near_tie_to_the_lower_query(matcher):
+  # Queries 1 and 4 predict the target's class with the same score and boxes 1e-3 apart; the
+  # other queries are far off. The plain cost takes the nearer box; with the query order, a
+  # cost difference below w * (4 - 1) / Q goes to query 1 whichever box is nearer.
+  queries = 6
+  logits = np.full((1, 1, queries, NUM_CLASSES + 1), -4.0, np.float32)
+  boxes = np.tile(np.asarray([0.1, 0.1, 0.05, 0.05], np.float32), (1, 1, queries, 1))
+  targets = {"labels": np.asarray([[2, 0]], np.int32),
+             "boxes": np.asarray([[[0.6, 0.5, 0.3, 0.2], [0, 0, 0, 0]]], np.float32),
+             "valid": np.asarray([[True, False]])}
+  for q in (1, 4):
+    logits[0, 0, q, 2] = 3.0
+    boxes[0, 0, q] = targets["boxes"][0, 0]
+
+  def matched(offset_1, offset_4, order):
+    shifted = boxes.copy()
+    shifted[0, 0, 1, 0] += offset_1
+    shifted[0, 0, 4, 0] += offset_4
+    config = _loss_config(matcher=matcher, cost_query_order=order)
+    indices = np.asarray(matching.match(logits, shifted, targets, config))
+    assert indices[0, 0, 1] == -1  # the padding slot stays unmatched
+    return indices[0, 0, 0]
+
+  assert matched(0.0, 1e-3, order=0.0) == 1
+  assert matched(1e-3, 0.0, order=0.0) == 4
+  # 0.5 * 3 / 6 = 0.25 outweighs the L1 cost difference 5 * 1e-3.
+  assert matched(1e-3, 0.0, order=0.5) == 1
+  assert matched(0.0, 1e-3, order=0.5) == 1
+  # A large difference still wins over the order: query 1's box far off goes to query 4.
+  assert matched(0.2, 0.0, order=0.5) == 4
+
+
 def test_unknown_names_raise_value_error():
   logits, boxes, targets = _random_batch(8, layers=1)
   with pytest.raises(ValueError, match="matcher"):

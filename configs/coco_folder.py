@@ -25,10 +25,12 @@ drops beyond it) and `model.num_queries` a little above it; too many queries dra
 twice (README, "Matching and loss").
 Its matching is shapes_fast's as well: class cost 3, `loss.cost_query_order=1` and no-object
 weight 0.2 (README, "A priority between queries").
-Reaches, on the synthetic folder (the command above, one seed, this 2-core CPU, warm working
-tree): AP 0.368, AP50 0.846, AP75 0.251 on its 200 validation images after 3800 steps in 18.6
-minutes of training (AP50 0.690 at step 1900, 9.4 minutes); at the drawing threshold 0.5, 727
-detections, 591 of them right, 49 duplicates in 44 of the 200 images, 82 objects missed. With the
+Reaches, on the synthetic folder (the command above, one seed, this 2-core CPU), on a fresh clone
+(README install, the command above as typed): AP 0.380, AP50 0.877, AP75 0.234 on its 200
+validation images after 3800 steps in 18.4 minutes of training (AP50 0.684 at step 1900, 9.3
+minutes); at the drawing threshold 0.5, 714 detections, 602 of them right, 44 duplicates in 41 of
+the 200 images, 71 objects missed. A run on a warm working tree gave AP 0.368, AP50 0.846 in 18.6
+minutes, 49 duplicates in 44 images. With the
 official matching cost and no-object weight (the recipe before: --config.loss.cost_class=1
 --config.loss.cost_query_order=0 --config.loss.eos_coef=0.1), on a fresh clone (README install,
 the command as typed): AP 0.347, AP50 0.814 in 17.9 minutes (AP50 0.611 at step 1900), 195

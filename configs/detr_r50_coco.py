@@ -143,6 +143,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Keep the decoded training images in memory (small datasets: height x width x 3 bytes each);
   # each epoch is then a uniform shuffle of them instead of file shuffling + shuffle_buffer.
   ds.cache_train = False
+  # With cache_train, augmentation "fixed" and one scale: resize and normalise each cached image
+  # once (float32, out_h x out_w x 12 bytes) and make batches in numpy, with other flips than
+  # the tf.data path (detr_jax/data/input_pipeline.py). Cheaper input for small CPU runs.
+  ds.cache_train_resized = False
 
   # --- Optimizer (detr_jax.optimizer) ---
   config.optimizer = opt = ml_collections.ConfigDict()

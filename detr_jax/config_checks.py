@@ -151,6 +151,23 @@ def check_eval_padding(ds) -> None:
     raise ConfigError(str(e)) from None
 
 
+def check_cache_train_resized(ds_config) -> None:
+  """Raises ConfigError unless `cache_train_resized` can hold the training geometry fixed."""
+  problems = []
+  if not ds_config.get("cache_train", False):
+    problems.append("config.dataset.cache_train is False")
+  if ds_config.get("augmentation", "detr") != "fixed":
+    problems.append(f"config.dataset.augmentation is {ds_config.get('augmentation', 'detr')!r}")
+  if len(ds_config.scales) != 1:
+    problems.append(f"config.dataset.scales={tuple(ds_config.scales)} is not one size")
+  if problems:
+    raise ConfigError(
+        "config.dataset.cache_train_resized resizes each training image once, so it needs "
+        "cache_train=True, augmentation='fixed' and one size in scales; here "
+        + "; ".join(problems) + ". Set --config.dataset.cache_train_resized=False, or change "
+        "those fields.")
+
+
 def check_path_exists(config, name: str) -> None:
   path = str(config.get(name, "") or "")
   if not path or "://" in path:  # remote paths are checked where they are opened
@@ -199,6 +216,8 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str | None = 
   if not isinstance(order, (int, float)) or not math.isfinite(order):
     raise ConfigError(f"config.loss.cost_query_order={order!r} must be a finite number (0: the "
                       "official matching cost).")
+  if config.dataset.get("cache_train_resized", False):
+    check_cache_train_resized(config.dataset)
   accum = int(config.optimizer.get("grad_accum_steps", 1))
   if accum < 1:
     raise ConfigError(f"config.optimizer.grad_accum_steps={accum} must be >= 1.")

@@ -67,12 +67,14 @@ COCO_TRAINING = (
 )
 FAST_BENCH = ("PYTHONPATH=. python experiments/bench_train.py --config configs/shapes_fast.py "
               "--iters 20 --jax_only")
+FEED_BENCH = "PYTHONPATH=. python experiments/bench_feed.py --config configs/shapes_fast.py"
 BENCHMARKS = (
     "PYTHONPATH=. python experiments/bench_model.py --batch 2 --size 512 --iters 4",
     "PYTHONPATH=. python experiments/bench_matching.py",
     "PYTHONPATH=. python experiments/bench_input.py",
     "PYTHONPATH=. python experiments/bench_train.py --batch 2 --size 512 --iters 5",
     FAST_BENCH,
+    FEED_BENCH,
 )
 CONFIG_ERROR = ("python -m detr_jax.main --config configs/tiny_test.py --workdir /tmp/w "
                 "--config.model.num_querys=20")
@@ -472,6 +474,19 @@ def test_train_bench_times_a_model_pytorch_lacks_alone():
   # Without --jax_only it says why there is nothing to compare with.
   refused = run_documented(FAST_BENCH.replace(" --jax_only", ""), expect_rc=2)
   assert "model.backbone_width=16" in refused.stderr and "--jax_only" in refused.stderr
+
+
+def test_feed_bench_times_the_step_fed_by_each_input():
+  """README results: the step fed by each training input, against the step before read-ahead."""
+  result = run_documented(FEED_BENCH, {"configs/shapes_fast.py": "configs/tiny_test.py"},
+                          extra=["--steps", "2", "--reps", "1", "--input_batches", "3"])
+  loops = re.findall(r"^\| ([a-z_, ()]+) \| ([0-9.]+) \| ([0-9.]+)x \|$", result.stdout, re.M)
+  assert [name for name, _, _ in loops] == [
+      "cache_train, read first (baseline)", "fixed batch", "cache_train",
+      "cache_train_resized"], result.stdout
+  assert loops[0][2] == "1.00" and all(float(ms) > 0 for _, ms, _ in loops), result.stdout
+  inputs = re.findall(r"^\| (cache_train\w*) \| ([0-9.]+) \| ([0-9.]+) \|$", result.stdout, re.M)
+  assert [name for name, _, _ in inputs] == ["cache_train", "cache_train_resized"], result.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -118,6 +118,7 @@ def test_a_good_config_passes_every_check(tmp_path):
     (lambda c: setattr(c.optimizer, "grad_accum_steps", 0), "optimizer.grad_accum_steps"),
     (lambda c: setattr(c.loss, "cost_query_order", float("nan")), "loss.cost_query_order"),
     (lambda c: setattr(c, "backbone_init", "/no/such/resnet.pth"), "backbone_init"),
+    (lambda c: setattr(c.dataset, "cache_train_resized", True), "dataset.cache_train_resized"),
 ])
 def test_each_check_names_its_field(mutate, field, tmp_path):
   config = tiny_test.get_config()

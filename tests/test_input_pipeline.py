@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from detr_jax.data import input_pipeline
+from detr_jax.data import sources
 from detr_jax.data import transforms
 
 import coco_folder_testdata as testdata
@@ -156,11 +157,12 @@ def _signature(batch, i):
   return tuple(np.round(batch["boxes"][i][:n], 3).ravel()) + tuple(batch["labels"][i][:n])
 
 
-@pytest.mark.parametrize("cache_train", [False, True])
-def test_process_shards_are_disjoint_and_cover_the_split(folder, cache_train):
+@pytest.mark.parametrize("cache_train,resized", [(False, False), (True, False), (True, True)])
+def test_process_shards_are_disjoint_and_cover_the_split(folder, cache_train, resized):
   root, train, evaluation = folder
   config = testdata.config(root, train, evaluation)
   config.dataset.cache_train = cache_train
+  config.dataset.cache_train_resized = resized
   config.batch_size = 2  # one example per process
   seen = []
   for process in (0, 1):
@@ -195,10 +197,12 @@ def _shapes_config(tmp_path):
   return config
 
 
-@pytest.mark.parametrize("cache_train", [False, True])
-def test_resume_yields_the_same_batches(tmp_path, cache_train):
+@pytest.mark.parametrize("cache_train,resized", [(False, False), (True, False), (True, True)])
+def test_resume_yields_the_same_batches(tmp_path, cache_train, resized):
   config = _shapes_config(tmp_path)
   config.dataset.cache_train = cache_train
+  if resized:  # one fixed size: each image resized once, the batches made in numpy
+    config.dataset.update(cache_train_resized=True, augmentation="fixed", scales=[40])
   full = input_pipeline.create_train_iterator(config, 0, 0, 1)
   assert full.steps_per_epoch == 2
   reference = [next(full) for _ in range(7)]
@@ -236,6 +240,83 @@ def test_cached_epochs_are_uniform_shuffles_of_the_same_examples(tmp_path):
   for epoch in plain + cached:
     assert sorted(epoch) == sorted(plain[0])
   assert cached[0] != cached[1] and cached[0] != plain[0]
+  # The resized cache too (its image sums may differ from the tf.data path's by round-off).
+  config.dataset.cache_train_resized = True
+  resized = epochs(True)
+  boxes_only = sorted(e[:-1] for e in plain[0])
+  for epoch in resized:
+    assert sorted(e[:-1] for e in epoch) == boxes_only
+  assert resized[0] != resized[1]
+
+
+def _decoded_train_examples(config):
+  """The train split's decoded examples (crowd boxes removed) in record order."""
+  source = sources.get_source(config.dataset)
+  ds = source.builder.as_dataset(split=source.train_split, decoders=source.decoders,
+                                 shuffle_files=False)
+  return [input_pipeline._without_crowd(source.decode(raw)) for raw in ds]
+
+
+def test_resized_cache_gives_the_augmented_examples(folder):
+  # Each example of the resized cache, mirrored or not, is the tf.data augmentation of its
+  # record with that flip: the same boxes, labels and padding, the image up to round-off.
+  root, train, evaluation = folder
+  config = testdata.config(root, train, evaluation, flip=True)
+  config.dataset.update(cache_train=True, cache_train_resized=True, max_boxes=1)
+  it = input_pipeline.create_train_iterator(config, 0, 0, 1)
+  buckets = input_pipeline.sorted_buckets(config.dataset)
+  examples = _decoded_train_examples(config)
+  assert len(it._presized) == len(examples) == len(testdata.TRAIN_IMAGES)
+  sizes = set()
+  for cached, example in zip(it._presized, examples):
+    height, width = example["image"].shape[:2]
+    for flip in (False, True):
+      _, region, out_size = transforms.train_geometry(
+          tf.constant([5, 6], tf.int64), height, width, config.dataset)
+      image, boxes, labels = transforms.apply_geometry(example, tf.constant(flip), region,
+                                                       out_size)
+      targets = input_pipeline._targets(boxes, labels, 1)
+      batch = input_pipeline.presized_batch([cached], [flip], buckets)
+      out_h, out_w = out_size.numpy()
+      sizes.add((out_h, out_w))
+      bucket = next(b for b in buckets if b[0] >= out_h and b[1] >= out_w)
+      assert batch["images"].shape == (1, *bucket, 3)
+      np.testing.assert_allclose(batch["images"][0, :out_h, :out_w], image.numpy(), rtol=0,
+                                 atol=1e-4)
+      assert not batch["images"][0, out_h:].any() and not batch["images"][0, :, out_w:].any()
+      assert batch["pixel_mask"][0].sum() == out_h * out_w
+      assert batch["pixel_mask"][0, :out_h, :out_w].all()
+      np.testing.assert_allclose(batch["boxes"][0], targets["boxes"].numpy(), rtol=0, atol=1e-6)
+      for key in ("labels", "valid", "num_dropped_boxes"):
+        np.testing.assert_array_equal(batch[key][0], targets[key].numpy(), err_msg=key)
+  assert len(sizes) > 2  # images of several sizes, padded to several buckets
+  # A batch pads every image to the bucket holding the largest; mirrored rows stay padding.
+  batch = input_pipeline.presized_batch(it._presized[:2], np.array([True, False]), buckets)
+  heights = [e["image"].shape[0] for e in it._presized[:2]]
+  widths = [e["image"].shape[1] for e in it._presized[:2]]
+  assert batch["images"].shape[1:3] == next(
+      b for b in buckets if b[0] >= max(heights) and b[1] >= max(widths))
+  # max_boxes 1: each image with two boxes drops one.
+  assert sum(int(e["num_dropped_boxes"]) for e in it._presized) == sum(
+      len(rects) - 1 for _, _, rects in testdata.TRAIN_IMAGES)
+
+
+def test_resized_cache_flips_about_half_and_every_epoch_anew(tmp_path):
+  config = _shapes_config(tmp_path)
+  config.dataset.update(cache_train=True, cache_train_resized=True, augmentation="fixed",
+                        scales=[40])
+  config.batch_size = 5
+  it = input_pipeline.create_train_iterator(config, 0, 0, 1)
+  cached = [e["image"] for e in it._presized]
+  flips = np.zeros([20, 10], bool)  # [epoch, image]
+  for step in range(40):  # 20 epochs of 10 images
+    for image in next(it)["images"][:, :40, :40]:
+      same = [np.array_equal(image, c) for c in cached]
+      mirrored = [np.array_equal(image, c[:, ::-1]) for c in cached]
+      assert sum(same) + sum(mirrored) == 1  # one cached image, as stored or mirrored
+      flips[step // 2, int(np.argmax(np.add(same, mirrored)))] = any(mirrored)
+  assert 0.35 < flips.mean() < 0.65
+  assert 0 < flips.mean(axis=0).min() and flips.mean(axis=0).max() < 1  # redrawn every epoch
 
 
 def test_pipelines_run_without_autotuning_and_give_the_same_batches(tmp_path, monkeypatch):

@@ -369,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   ckpt_every = max(int(config.checkpoint_every_steps), 1)
   try:
     # Batch k + 1 is read and put on the devices while step k runs (JAX dispatches a step
-    # asynchronously): 1.05x the steps per second of the shapes_fast config on a 2-core CPU.
+    # asynchronously), so the input's host work overlaps the step (experiments/bench_feed.py).
     batch = global_batch(next(train_iter), mesh) if step < total_steps else None
     while step < total_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):

@@ -27,15 +27,15 @@ the shuffle buffer. So it reads another order of the same examples (batch k is s
 `config.dataset.cache_train_resized` (default False; with `cache_train`, the "fixed"
 augmentation and one scale) goes further: the geometry of such an example is the same every epoch
 but for its flip, so each image is resized to its training size and normalised once, and kept
-as float32 (out_h x out_w x 12 bytes: 885 MB for the shapes images at 96 px). A batch is then
-gathered, mirrored and padded in numpy, with no per-example TensorFlow work: 0.3 ms of CPU per
-batch of 16 96 x 96 shapes images against about 9 with the tf.data augmentation (on the 2-core
-CPU of the README's figures), time the train step gets back. The flips come from numpy's
-generator seeded by (config.seed, e, process_index, batch index) and the epoch's order from a
-numpy permutation seeded by (config.seed, e), so batch k is a function of (config.seed, k) as
-above, but these are other flips and another order than `cache_train`'s alone; and an image
-mirrored after its resize differs from one resized mirrored by float round-off (1e-5). A
-mirrored box is (1 - cx, cy, w, h).
+as float32 (out_h x out_w x 12 bytes: 844 MB for the shapes images at 96 px). A batch is then
+gathered, mirrored and padded in numpy, with no per-example TensorFlow work: about 1 ms of CPU
+per batch of 16 96 x 96 shapes images against about 11 with the tf.data augmentation
+(experiments/bench_feed.py, 2-core CPU), time the train step gets back. The flips come from
+numpy's generator seeded by (config.seed, e, process_index, batch index) and the epoch's order
+from a numpy permutation seeded by (config.seed, e), so batch k is a function of (config.seed, k)
+as above, but these are other flips and another order than `cache_train`'s alone; and an image
+mirrored after its resize differs from one resized mirrored by float round-off (within 1e-4,
+tests/test_input_pipeline.py). A mirrored box is (1 - cx, cy, w, h).
 
 Static shapes. Each batch is padded (bottom/right, `pixel_mask` False there) to the smallest
 bucket of config.dataset.buckets that holds every image of the batch; an image that fits no

@@ -154,7 +154,9 @@ def get_config() -> ml_collections.ConfigDict:
   opt.lr_backbone = 1e-5
   opt.weight_decay = 1e-4
   opt.clip_norm = 0.1
-  opt.schedule = "step"  # step | cosine | constant
+  opt.b1 = 0.9  # AdamW's moment decays (torch's defaults, which the official code keeps)
+  opt.b2 = 0.999
+  opt.schedule = "step"  # step | cosine | linear (warmup, then linear decay to 0) | constant
   opt.warmup_steps = 0
   opt.lr_drop_epochs = 400
   opt.lr_drop_factor = 0.1

@@ -22,7 +22,7 @@ from detr_jax.models import BACKBONE
 from detr_jax.models import FROZEN
 from detr_jax.models import TRANSFORMER
 
-_SCHEDULES = ("step", "cosine", "constant")
+_SCHEDULES = ("step", "cosine", "linear", "constant")
 
 
 def create_learning_rate_schedule(
@@ -42,7 +42,8 @@ def create_learning_rate_schedule(
   Returns:
     An optax schedule: "step" holds base_lr and multiplies it by lr_drop_factor from update
     lr_drop_epochs * steps_per_epoch on (like torch StepLR stepped per epoch); "cosine" decays to
-    zero at total_steps; "constant" holds base_lr. All three start with a linear warmup of
+    zero at total_steps; "linear" decays linearly to zero at total_steps; "constant" holds
+    base_lr. All three start with a linear warmup of
     warmup_steps updates from 0 when warmup_steps > 0.
 
   Raises:
@@ -63,6 +64,13 @@ def create_learning_rate_schedule(
         init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
 
+  if name == "linear":
+    decay = optax.linear_schedule(base_lr, 0.0, max(total_steps - warmup_steps, 1))
+    if warmup_steps == 0:
+      return decay
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, base_lr, warmup_steps), decay], [warmup_steps])
+
   if name == "step":
     drop_step = int(opt_config.get("lr_drop_epochs", 0)) * steps_per_epoch
     factor = float(opt_config.get("lr_drop_factor", 0.1))
@@ -81,9 +89,10 @@ def create_learning_rate_schedule(
       [warmup, lambda count: main(count + warmup_steps)], [warmup_steps])
 
 
-def _adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float):
+def _adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float, b1: float = 0.9,
+           b2: float = 0.999):
   # Decoupled weight decay on every leaf of the group, as torch AdamW does on all parameters.
-  return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay)
 
 
 def create_optimizer(
@@ -123,6 +132,9 @@ def create_optimizer(
     raise ValueError(f"Parameter labels must be frozen|backbone|transformer, got {sorted(bad)}.")
   clip_norm = float(opt.get("clip_norm", 0.0))
   weight_decay = float(opt.get("weight_decay", 1e-4))
+  b1, b2 = float(opt.get("b1", 0.9)), float(opt.get("b2", 0.999))
+  if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+    raise ValueError(f"config.optimizer.b1 and b2 must be in [0, 1), got b1={b1}, b2={b2}.")
 
   # The optimizer counts updates, which is loop steps / accum under MultiSteps.
   updates_per_epoch = max(steps_per_epoch // accum, 1)
@@ -138,8 +150,8 @@ def create_optimizer(
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(optax.multi_transform(
       {FROZEN: optax.set_to_zero(),
-       BACKBONE: _adamw(schedules[BACKBONE], weight_decay),
-       TRANSFORMER: _adamw(schedules[TRANSFORMER], weight_decay)},
+       BACKBONE: _adamw(schedules[BACKBONE], weight_decay, b1, b2),
+       TRANSFORMER: _adamw(schedules[TRANSFORMER], weight_decay, b1, b2)},
       labels))
   tx = optax.chain(*parts)
   if accum > 1:

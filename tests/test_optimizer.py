@@ -121,6 +121,36 @@ def test_warmup_and_cosine_closed_form():
   assert [float(sched(s)) for s in (0, 2, 4, 9, 10)] == pytest.approx([0, 0.5, 1, 1, 0.1])
 
 
+def test_warmup_and_linear_decay_closed_form():
+  cfg = _config(schedule="linear", warmup_steps=10).optimizer
+  sched = optimizer.create_learning_rate_schedule(cfg, 2.0, steps_per_epoch=5, total_steps=110)
+  for step in (0, 5, 10, 35, 60, 109, 110, 120):
+    expected = 2.0 * step / 10 if step < 10 else 2.0 * max(110 - step, 0) / 100
+    assert float(sched(step)) == pytest.approx(expected, abs=1e-6)
+  cfg = _config(schedule="linear").optimizer  # no warmup: from the peak straight down
+  sched = optimizer.create_learning_rate_schedule(cfg, 1.0, steps_per_epoch=5, total_steps=40)
+  assert [float(sched(s)) for s in (0, 10, 40)] == pytest.approx([1.0, 0.75, 0.0])
+
+
+def test_adam_betas_from_config():
+  """Two updates with gradients g1 then g2 follow Adam's moments with the configured decays."""
+  params, labels = _params()
+  b1, b2 = 0.8, 0.95
+  tx, _ = optimizer.create_optimizer(_config(clip_norm=0.0, weight_decay=0.0, b1=b1, b2=b2),
+                                     labels, steps_per_epoch=10, total_steps=100)
+  g1, g2 = _random_like(params, 6), _random_like(params, 7)
+  state = tx.init(params)
+  _, state = tx.update(g1, state, params)
+  updates, _ = tx.update(g2, state, params)
+  a1, a2 = g1["class_embed"]["kernel"], g2["class_embed"]["kernel"]
+  mu = ((1 - b1) * b1 * a1 + (1 - b1) * a2) / (1 - b1 ** 2)
+  nu = ((1 - b2) * b2 * a1 ** 2 + (1 - b2) * a2 ** 2) / (1 - b2 ** 2)
+  np.testing.assert_allclose(updates["class_embed"]["kernel"], -1e-4 * mu / (np.sqrt(nu) + EPS),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="b1 and b2"):
+    optimizer.create_optimizer(_config(b2=1.0), labels, steps_per_epoch=10, total_steps=100)
+
+
 def test_grad_accumulation_equals_mean_gradient():
   params, labels = _params()
   kwargs = dict(steps_per_epoch=10, total_steps=100)
@@ -155,7 +185,7 @@ def test_model_labels_freeze_stem_and_layer1():
   assert np.all(updates["class_embed"]["kernel"] != 0)
 
 
-@pytest.mark.parametrize("field,value", [("schedule", "linear"), ("grad_accum_steps", 0)])
+@pytest.mark.parametrize("field,value", [("schedule", "exponential"), ("grad_accum_steps", 0)])
 def test_bad_config_raises(field, value):
   params, labels = _params()
   with pytest.raises(ValueError, match=field):

@@ -20,6 +20,9 @@ from typing import Any, Iterable
 
 import ml_collections
 
+# The learning-rate schedules of `detr_jax.optimizer.create_learning_rate_schedule`.
+OPTIMIZER_SCHEDULES = ("step", "cosine", "linear", "constant")
+
 # Fields read with a default but absent from the reference config.
 OPTIONAL_FIELDS = frozenset({
     "dataset.image_size", "dataset.max_objects", "dataset.num_train_examples",
@@ -221,6 +224,14 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str | None = 
   accum = int(config.optimizer.get("grad_accum_steps", 1))
   if accum < 1:
     raise ConfigError(f"config.optimizer.grad_accum_steps={accum} must be >= 1.")
+  if config.optimizer.get("schedule", "step") not in OPTIMIZER_SCHEDULES:
+    raise ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r} is unknown; use "
+                      f"one of {OPTIMIZER_SCHEDULES}.")
+  for name in ("b1", "b2"):
+    value = config.optimizer.get(name, 0.9)
+    if not isinstance(value, (int, float)) or not 0 <= value < 1:
+      raise ConfigError(f"config.optimizer.{name}={value!r} must be in [0, 1) (Adam's moment "
+                        "decay; 0.9 and 0.999 are the official b1 and b2).")
   for name in ("init_from", "backbone_init"):
     check_path_exists(config, name)
   if config.model.get("backbone_norm", "frozen_bn") != "frozen_bn" and config.get(

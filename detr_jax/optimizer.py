@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from detr_jax import config_checks
 from detr_jax.models import BACKBONE
 from detr_jax.models import FROZEN
 from detr_jax.models import TRANSFORMER
 
-_SCHEDULES = ("step", "cosine", "linear", "constant")
+_SCHEDULES = config_checks.OPTIMIZER_SCHEDULES
 
 
 def create_learning_rate_schedule(
@@ -43,8 +44,8 @@ def create_learning_rate_schedule(
     An optax schedule: "step" holds base_lr and multiplies it by lr_drop_factor from update
     lr_drop_epochs * steps_per_epoch on (like torch StepLR stepped per epoch); "cosine" decays to
     zero at total_steps; "linear" decays linearly to zero at total_steps; "constant" holds
-    base_lr. All three start with a linear warmup of
-    warmup_steps updates from 0 when warmup_steps > 0.
+    base_lr. All start with a linear warmup of warmup_steps updates from 0 when
+    warmup_steps > 0.
 
   Raises:
     ValueError: for an unknown schedule name or negative step counts.

@@ -116,6 +116,8 @@ def test_a_good_config_passes_every_check(tmp_path):
     (lambda c: setattr(c.dataset, "buckets", ()), "dataset.buckets"),
     (lambda c: setattr(c.model, "num_queries", 7), "model.num_queries"),
     (lambda c: setattr(c.optimizer, "grad_accum_steps", 0), "optimizer.grad_accum_steps"),
+    (lambda c: setattr(c.optimizer, "schedule", "cosine_decay"), "optimizer.schedule"),
+    (lambda c: setattr(c.optimizer, "b2", 1.0), "optimizer.b2"),
     (lambda c: setattr(c.loss, "cost_query_order", float("nan")), "loss.cost_query_order"),
     (lambda c: setattr(c, "backbone_init", "/no/such/resnet.pth"), "backbone_init"),
     (lambda c: setattr(c.dataset, "cache_train_resized", True), "dataset.cache_train_resized"),

@@ -227,8 +227,8 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str | None = 
   if config.optimizer.get("schedule", "step") not in OPTIMIZER_SCHEDULES:
     raise ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r} is unknown; use "
                       f"one of {OPTIMIZER_SCHEDULES}.")
-  for name in ("b1", "b2"):
-    value = config.optimizer.get(name, 0.9)
+  for name, default in (("b1", 0.9), ("b2", 0.999)):
+    value = config.optimizer.get(name, default)
     if not isinstance(value, (int, float)) or not 0 <= value < 1:
       raise ConfigError(f"config.optimizer.{name}={value!r} must be in [0, 1) (Adam's moment "
                         "decay; 0.9 and 0.999 are the official b1 and b2).")

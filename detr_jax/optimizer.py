@@ -90,8 +90,7 @@ def create_learning_rate_schedule(
       [warmup, lambda count: main(count + warmup_steps)], [warmup_steps])
 
 
-def _adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float, b1: float = 0.9,
-           b2: float = 0.999):
+def _adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float, b1: float, b2: float):
   # Decoupled weight decay on every leaf of the group, as torch AdamW does on all parameters.
   return optax.adamw(learning_rate, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay)
 

@@ -128,10 +128,12 @@ def _hf_to_flax(state_dict, num_enc, num_dec):
   return {"params": params, "batch_stats": stats}
 
 
-def test_matches_huggingface_detr_resnet50():
+@pytest.mark.parametrize("enc_layers", [2, 0])  # 0: no encoder (the paper's Table 2 ablation)
+def test_matches_huggingface_detr_resnet50(enc_layers):
   torch.manual_seed(0)
   hf_config = transformers.DetrConfig(
-      use_timm_backbone=False, use_pretrained_backbone=False, d_model=32, encoder_layers=2,
+      use_timm_backbone=False, use_pretrained_backbone=False, d_model=32,
+      encoder_layers=enc_layers,
       decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
       encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5, num_labels=6,
       auxiliary_loss=False)
@@ -164,10 +166,10 @@ def test_matches_huggingface_detr_resnet50():
       hf_aux.append((hf_model.class_labels_classifier(normed),
                      hf_model.bbox_predictor(normed).sigmoid()))
 
-  config = _tiny_config(backbone="resnet50", hidden_dim=32, num_heads=4, enc_layers=2,
+  config = _tiny_config(backbone="resnet50", hidden_dim=32, num_heads=4, enc_layers=enc_layers,
                         dec_layers=3, dim_feedforward=64, num_queries=5, num_classes=6)
   model = build_model(config)
-  variables = _hf_to_flax(hf_model.state_dict(), 2, 3)
+  variables = _hf_to_flax(hf_model.state_dict(), enc_layers, 3)
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, pixel_mask))
   assert _path_shapes(variables) == _path_shapes(expected)
   out = jax.jit(model.apply)(variables, images, pixel_mask)

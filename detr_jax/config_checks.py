@@ -22,6 +22,8 @@ import ml_collections
 
 # The learning-rate schedules of `detr_jax.optimizer.create_learning_rate_schedule`.
 OPTIMIZER_SCHEDULES = ("step", "cosine", "linear", "constant")
+# Adam's moment decays in config.optimizer and their defaults (torch's, the official ones).
+ADAM_BETA_DEFAULTS = (("b1", 0.9), ("b2", 0.999))
 
 # Fields read with a default but absent from the reference config.
 OPTIONAL_FIELDS = frozenset({
@@ -227,7 +229,7 @@ def check_train_config(config: ml_collections.ConfigDict, workdir: str | None = 
   if config.optimizer.get("schedule", "step") not in OPTIMIZER_SCHEDULES:
     raise ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r} is unknown; use "
                       f"one of {OPTIMIZER_SCHEDULES}.")
-  for name, default in (("b1", 0.9), ("b2", 0.999)):
+  for name, default in ADAM_BETA_DEFAULTS:
     value = config.optimizer.get(name, default)
     if not isinstance(value, (int, float)) or not 0 <= value < 1:
       raise ConfigError(f"config.optimizer.{name}={value!r} must be in [0, 1) (Adam's moment "

@@ -132,7 +132,7 @@ def create_optimizer(
     raise ValueError(f"Parameter labels must be frozen|backbone|transformer, got {sorted(bad)}.")
   clip_norm = float(opt.get("clip_norm", 0.0))
   weight_decay = float(opt.get("weight_decay", 1e-4))
-  b1, b2 = float(opt.get("b1", 0.9)), float(opt.get("b2", 0.999))
+  b1, b2 = (float(opt.get(name, default)) for name, default in config_checks.ADAM_BETA_DEFAULTS)
   if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
     raise ValueError(f"config.optimizer.b1 and b2 must be in [0, 1), got b1={b1}, b2={b2}.")
 

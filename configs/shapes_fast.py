@@ -33,13 +33,15 @@ configs/shapes.py with, for a short schedule on a CPU:
     twice the first rate with 50 warmup steps had stayed on DETR's plateau).
 
 Reaches (val, 500 images, after its 5200 steps; fresh clone with the README install, the command
-below as typed, this 2-core CPU): AP 0.659, AP50 0.941, AP75 0.775 in 6.0 minutes of training
-(357 s; the same steps take 5.5 to 6.4 minutes as this machine's speed varies over a day). At
-the drawing threshold 0.5 it draws 86 duplicate detections in 83 of the 500 images, and 3 of its
-8 pictures show one (1 at 0.7; none at 0.9, where 148 of the 1752 objects go undrawn, against
-89 at 0.5). Other seeds on the warm working tree (--config.seed=0, 1, 2; the default is 42): AP
-0.656, 0.649 and 0.644. The recipe before the L1 weight and these learning rates gave AP 0.628
-on a fresh clone (seeds 1 and 2: 0.618 and 0.615). README, "Matching and loss", has the runs.
+below as typed, this 2-core CPU): AP 0.660, AP50 0.940, AP75 0.792 in 6.1 minutes of training
+(366 s; the same steps took 357 s on an earlier fresh clone: this machine's speed varies over a
+day, 5.5 to 6.4 minutes for them). At the drawing threshold 0.5 it draws 41 duplicate detections
+in 38 of the 500 images and none in its 8 pictures; 108 of the 1752 objects go undrawn. With the
+no-object weight 0.2 before (an earlier fresh clone): AP 0.659, 86 duplicates in 83 images, 3 of
+the 8 pictures with one, 89 undrawn. Other seeds on the warm working tree (--config.seed=0 and
+1; the default is 42): AP 0.642 and 0.659, 37 and 34 duplicates (0.656 and 0.649, 68 and 86 with
+0.2). The recipe before the L1 weight and the learning rates above gave AP 0.628 on a fresh
+clone. README, "Matching and loss", has the runs.
 
 Not exportable to PyTorch (torchvision's ResNet has width 64 and 4 stages): use
 configs/shapes.py for that.

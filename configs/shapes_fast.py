@@ -59,6 +59,8 @@ def get_config():
   config.model.backbone_width = 16
   config.model.backbone_stages = 3
   config.model.num_queries = 8
+  config.model.enc_layers = 0
+  config.model.dec_layers = 4
   ds = config.dataset
   ds.scales = (96,)
   ds.max_size = 96
@@ -67,7 +69,7 @@ def get_config():
   ds.buckets = ((96, 96),)
   ds.cache_train = True
   ds.cache_train_resized = True
-  config.num_train_steps = 5200
+  config.num_train_steps = 6000
   config.loss.matcher = "hungarian_device"
   config.optimizer.lr = 8e-4
   config.optimizer.lr_backbone = 1e-3

@@ -21,8 +21,8 @@ configs/shapes.py with, for a short schedule on a CPU:
   * matching that breaks DETR's ties between queries the same way every time: the class cost
     weighted 3 (official 1), so the more confident of two queries on one object is its match,
     and `loss.cost_query_order = 1`, a fixed priority by query number for near-ties
-    (detr_jax/matching.py, `matching_cost`); then the no-object weight pushes the predictable
-    loser down;
+    (detr_jax/matching.py, `matching_cost`), so the loser is predictable for the no-object weight
+    below to push down;
   * the no-object weight `loss.eos_coef` 0.5 (official 0.1). The paper (Section 3.1) down-weights
     "no object" by 10 for class imbalance: on COCO about 93 of the 100 queries are unmatched
     against about 7 objects, so 0.1 weighs them about as much as the objects. Here 8 queries meet

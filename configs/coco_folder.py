@@ -14,16 +14,17 @@ Command, on the synthetic folder that `experiments/make_coco_folder.py` writes (
     --config.dataset.eval_images_dir=/tmp/synthetic_coco/val \
     --config.dataset.data_dir=/tmp/synthetic_coco/tfds
 
-Model: the 6-minute shapes recipe (configs/shapes_fast.py: a quarter-width ResNet-18 trained from
-scratch whose transformer reads layer3's stride-16 map, 2 encoder and 3 decoder layers of width 128,
-8 object queries, the decoded training images kept in memory, batch 16, a cosine schedule), with
-learning rate 5e-4 warmed up over 300 steps (shapes_fast's 6e-4 over 500 steps was not tried here),
+Model: the 6-minute shapes recipe as it was before its last changes (configs/shapes.py, then
+configs/shapes_fast.py: a quarter-width ResNet-18 trained from scratch whose transformer reads
+layer3's stride-16 map, 2 encoder and 3 decoder layers of width 128, 8 object queries, the decoded
+training images kept in memory, batch 16, a cosine schedule), with learning rate 5e-4 warmed up
+over 300 steps (the shapes recipe's later 6e-4 over 500 steps was not tried here),
 on images resized to a 144 px short side, at most 192 px, fitted to about 20 minutes of this 2-core
 CPU (3800 steps of about 0.3 s). 8 queries suit the synthetic folder's at most 6 objects per image:
 for your folder, set `dataset.max_boxes` to the most objects an image has (the job logs the boxes it
 drops beyond it) and `model.num_queries` a little above it; too many queries draw the same object
 twice (README, "Matching and loss").
-Its matching is the one shapes_fast had before its no-object weight went to 0.5: class cost 3,
+Its matching is the one the shapes recipe had before its no-object weight went to 0.5: class cost 3,
 `loss.cost_query_order=1` and no-object weight 0.2 (README, "A priority between queries"; 0.5
 not tried on the folder).
 Reaches, on the synthetic folder (the command above, one seed, this 2-core CPU), on a fresh clone
@@ -45,12 +46,12 @@ hundred steps on; not explained). At lr 3e-4 with 100 warmup steps (the recipe b
 fresh clone gave AP 0.269, AP50 0.697 in 20.3 minutes. README, "Matching and loss", has the runs.
 """
 
-from configs import shapes
+from configs import shapes_r18
 
 
 def get_config():
   """Returns the custom-folder config: the fast shapes recipe at 144-192 px, a COCO folder's data."""
-  config = shapes.get_config()
+  config = shapes_r18.get_config()
 
   model = config.model
   model.backbone_width = 16  # 16-32-64-128 channels: about 1/16 of the convolution FLOPs
@@ -97,9 +98,9 @@ def get_config():
   config.eval_batch_size = 16
   config.num_train_steps = 3800
   config.steps_per_epoch = -1  # from the number of training images
-  # A faster learning rate than configs/shapes.py's 3e-4, for the backbone and the transformer,
-  # warmed up over 300 steps (README, "Matching and loss"); configs/shapes_fast.py went on to
-  # 6e-4 over 500 steps, not tried on a folder.
+  # A faster learning rate than configs/shapes_r18.py's 3e-4, for the backbone and the
+  # transformer, warmed up over 300 steps (README, "Matching and loss"); the 6-minute shapes recipe
+  # (configs/shapes.py) went on to 6e-4 over 500 steps and further, not tried on a folder.
   config.optimizer.lr = 5e-4
   config.optimizer.lr_backbone = 5e-4
   config.optimizer.warmup_steps = 300

@@ -1,6 +1,6 @@
 r"""Export detr_jax weights to PyTorch: a transformers folder or an official DETR `.pth`.
 
-  python -m detr_jax.export --config configs/shapes.py --checkpoint /tmp/detr_shapes \
+  python -m detr_jax.export --config configs/shapes_r18.py --checkpoint /tmp/detr_shapes_r18 \
       --format hf --output /tmp/detr_shapes_hf
   python -m detr_jax.export --config configs/detr_r50_coco.py --checkpoint DIR \
       --format official --output /tmp/detr_r50.pth

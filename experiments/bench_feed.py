@@ -16,10 +16,10 @@ train step once and times it, interleaved in one process, with medians over `--r
 
 and prints ms per step and the speed of each against the baseline (>1: faster), then the CPU
 time (all threads) of each input alone per batch. Both inputs need `dataset.augmentation`
-"fixed" with one scale (the resized cache's condition), as configs/shapes_fast.py has.
+"fixed" with one scale (the resized cache's condition), as configs/shapes.py has.
 
 Command:
-  PYTHONPATH=. python experiments/bench_feed.py --config configs/shapes_fast.py
+  PYTHONPATH=. python experiments/bench_feed.py --config configs/shapes.py
 """
 
 import argparse
@@ -41,7 +41,7 @@ def _cpu_seconds():
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/shapes_fast.py")
+  parser.add_argument("--config", default="configs/shapes.py")
   parser.add_argument("--steps", type=int, default=300, help="timed steps per round and loop")
   parser.add_argument("--reps", type=int, default=3, help="rounds (medians)")
   parser.add_argument("--input_batches", type=int, default=500,

@@ -8,10 +8,10 @@ matching here), auxiliary losses on every decoder layer, dropout 0.1. The two st
 interleaved in one process and the medians are compared, since the machine is noisy.
 
   PYTHONPATH=. python experiments/bench_train.py --batch 2 --size 512 --iters 5
-  PYTHONPATH=. python experiments/bench_train.py --config configs/shapes.py --iters 10
+  PYTHONPATH=. python experiments/bench_train.py --config configs/shapes_r18.py --iters 10
   PYTHONPATH=. python experiments/bench_train.py --conv_implementation xla   # before the 1x1 change
   PYTHONPATH=. python experiments/bench_train.py --conv_library xla_default  # YNNPACK convolutions
-  PYTHONPATH=. python experiments/bench_train.py --config configs/shapes_fast.py --iters 20 --jax_only
+  PYTHONPATH=. python experiments/bench_train.py --config configs/shapes.py --iters 20 --jax_only
 
 A model transformers' DETR cannot express (a backbone width other than 64, GroupNorm, query
 groups, anchors, denoising or one-to-many queries) is refused unless `--jax_only`, which times
@@ -292,7 +292,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/detr_r50_coco.py",
                       help="configs/detr_r50_coco.py (with --size/--batch/--backbone) or a demo "
-                           "config such as configs/shapes.py (its own size, batch, backbone)")
+                           "config such as configs/shapes_r18.py (its own size, batch, backbone)")
   parser.add_argument("--size", type=int, default=512, help="square image size")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--backbone", default="resnet50", choices=sorted(resnet.RESNET_ARCHS))
@@ -303,7 +303,7 @@ def main():
   parser.add_argument("--no_parts", action="store_true", help="only the whole train step")
   parser.add_argument("--jax_only", action="store_true",
                       help="time detr_jax alone (needed for a model PyTorch DETR does not have, "
-                           "such as configs/shapes_fast.py's width-16 backbone)")
+                           "such as configs/shapes.py's width-16 backbone)")
   args = parser.parse_args()
 
   config = make_config(args)

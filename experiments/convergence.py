@@ -16,10 +16,11 @@ which some object is detected twice at the drawing threshold (`evaluate.CocoEval
 threshold_report`); the learning-rate schedule runs over `num_train_steps` of the
 config, whatever the budget.
 
-One run is one sample: on configs/shapes_fast.py, runs of one recipe with different seeds ended
-up to 0.1 AP apart (README, "Matching and loss"). `--seeds 0,1,2` trains every variant once per seed
-(`config.seed`: initialisation and data order) and adds a table of the final evaluation's mean,
-min and max over the seeds; the plot shows each variant's mean and its min-max band.
+One run is one sample: on the 6-minute shapes recipe (configs/shapes.py), runs of one recipe
+with different seeds ended up to 0.1 AP apart (README, "Matching and loss"). `--seeds 0,1,2`
+trains every variant once per seed (`config.seed`: initialisation and data order) and adds a
+table of the final evaluation's mean, min and max over the seeds; the plot shows each variant's
+mean and its min-max band.
 
 Command:
   PYTHONPATH=. python experiments/convergence.py --minutes 6 --evals 4 --output /tmp/convergence

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from configs import shapes
+from configs import shapes_r18
 from configs import tiny_test
 from detr_jax import convert
 from detr_jax.data import shapes as shapes_data
@@ -44,10 +45,11 @@ TENSORBOARD = "tensorboard --logdir WORKDIR"
 PREDICT = ("python -m detr_jax.predict --config configs/shapes.py --checkpoint /tmp/detr_shapes "
            '--images photo.jpg photos/ "more/*.png" --output /tmp/predictions --attention')
 TINY_JOB = "python -m detr_jax.main --config configs/tiny_test.py --workdir /tmp/detr_tiny"
+R18_JOB = "python -m detr_jax.main --config configs/shapes_r18.py --workdir /tmp/detr_shapes_r18"
 EXPORT = (
-    "python -m detr_jax.export --config configs/shapes.py --checkpoint /tmp/detr_shapes "
+    "python -m detr_jax.export --config configs/shapes_r18.py --checkpoint /tmp/detr_shapes_r18 "
     "--format hf --output /tmp/detr_shapes_hf",
-    "python -m detr_jax.export --config configs/shapes.py --checkpoint /tmp/detr_shapes "
+    "python -m detr_jax.export --config configs/shapes_r18.py --checkpoint /tmp/detr_shapes_r18 "
     "--format official --output /tmp/detr_shapes.pth",
 )
 CONVERT_PTH = ("python -m detr_jax.convert --input detr-r50-e632da11.pth "
@@ -65,9 +67,9 @@ COCO_TRAINING = (
     "python -m detr_jax.main --config configs/detr_r101_coco.py --workdir DIR",
     "python -m detr_jax.main --config configs/detr_r101_dc5_coco.py --workdir DIR",
 )
-FAST_BENCH = ("PYTHONPATH=. python experiments/bench_train.py --config configs/shapes_fast.py "
+FAST_BENCH = ("PYTHONPATH=. python experiments/bench_train.py --config configs/shapes.py "
               "--iters 20 --jax_only")
-FEED_BENCH = "PYTHONPATH=. python experiments/bench_feed.py --config configs/shapes_fast.py"
+FEED_BENCH = "PYTHONPATH=. python experiments/bench_feed.py --config configs/shapes.py"
 BENCHMARKS = (
     "PYTHONPATH=. python experiments/bench_model.py --batch 2 --size 512 --iters 4",
     "PYTHONPATH=. python experiments/bench_matching.py",
@@ -97,7 +99,6 @@ TPU_PLAN = (
     "python -m detr_jax.tpu_plan --config configs/detr_r50_coco.py --config.model.dtype=bfloat16 "
     "--topology v5e:8x8 --topology v4:2x2x4 --topology v5p:2x2x4 --buckets largest",
 )
-FAST_JOB = "python -m detr_jax.main --config configs/shapes_fast.py --workdir /tmp/detr_shapes_fast"
 CI_INSTALL = 'pip install -e ".[convert,test,tpu]"'
 # Run by .ci/run, line for line (checked by test_ci_runs_the_readme_install_and_tests).
 CI_COMMANDS = (
@@ -118,7 +119,7 @@ NOT_RUN = {
 }
 RUN = {MAIN_JOB, EVAL_MAIN_JOB, TENSORBOARD, PREDICT, *EXPORT, TINY_JOB, CONVERT_PTH, CONVERT_SAFETENSORS,
        EVAL_CONVERTED, EVAL_CONVERTED_DOCSTRING, *COCO_TRAINING, *BENCHMARKS, *TPU_PLAN, CHAOS,
-       PADDING_SHIFT, CONFIG_ERROR, CONVERGENCE, MAKE_FOLDER, FOLDER_JOB, FAST_JOB}
+       PADDING_SHIFT, CONFIG_ERROR, CONVERGENCE, MAKE_FOLDER, FOLDER_JOB, R18_JOB}
 
 
 def _command_lines(text: str):
@@ -222,10 +223,13 @@ _SMALL_SHAPES = ("--config.num_train_steps=2", "--config.dataset.num_train_examp
 
 
 def test_main_job_evaluate_and_tensorboard(tmp_path, data_dir):
-  """README: the main job, evaluating its workdir again, and TensorBoard on it."""
+  """README: the main job, evaluating its workdir again, predicting with it, TensorBoard on it."""
   workdir = str(tmp_path / "detr_shapes")
   data = f"--config.dataset.data_dir={data_dir}"
-  run_documented(MAIN_JOB, {"/tmp/detr_shapes": workdir}, [*_SMALL_SHAPES, data])
+  result = run_documented(MAIN_JOB, {"/tmp/detr_shapes": workdir}, [*_SMALL_SHAPES, data])
+  # The 6-minute recipe's quarter-width backbone: far fewer parameters than a ResNet-18's 11M.
+  millions = float(re.search(r"Model: resnet18, ([\d.]+)M parameters", result.stderr).group(1))
+  assert millions < 3.0, result.stderr[-2000:]
   # What the README says the main job writes: checkpoints, AP, PNGs of predicted boxes.
   trained = json.loads((tmp_path / "detr_shapes" / "eval_metrics.json").read_text())
   assert trained["step"] == 2
@@ -252,23 +256,23 @@ def test_main_job_evaluate_and_tensorboard(tmp_path, data_dir):
   assert {k: round(v, 4) for k, v in saved.items()} == metrics
 
   _predict_on_files(tmp_path, workdir, data)
-  _export(tmp_path, workdir, data)
 
   result = run_documented(TENSORBOARD, {"WORKDIR": workdir}, ["--inspect"])
   for tag in ("train/loss", "eval/AP", "train/lr_transformer"):
     assert tag in result.stdout
 
 
-def test_fast_shapes_job(tmp_path, data_dir):
-  """configs/shapes_fast.py: the main job with the quarter-width backbone (2 steps here)."""
-  workdir = tmp_path / "detr_shapes_fast"
-  result = run_documented(FAST_JOB, {"/tmp/detr_shapes_fast": str(workdir)},
-                          [*_SMALL_SHAPES, f"--config.dataset.data_dir={data_dir}"])
+def test_exportable_shapes_job_and_export(tmp_path, data_dir):
+  """README "Exporting to PyTorch": configs/shapes_r18.py (2 steps here), then both exports."""
+  workdir = tmp_path / "detr_shapes_r18"
+  data = f"--config.dataset.data_dir={data_dir}"
+  result = run_documented(R18_JOB, {"/tmp/detr_shapes_r18": str(workdir)}, [*_SMALL_SHAPES, data])
   assert json.loads((workdir / "eval_metrics.json").read_text())["step"] == 2
   assert len(list((workdir / "visualizations").glob("*.png"))) == 2
-  # The quarter-width backbone: far fewer parameters than the standard demo's ResNet-18.
+  # torchvision's ResNet-18 (11.2M parameters) and the transformer.
   millions = float(re.search(r"Model: resnet18, ([\d.]+)M parameters", result.stderr).group(1))
-  assert millions < 3.0, result.stderr[-2000:]
+  assert millions > 11.0, result.stderr[-2000:]
+  _export(tmp_path, str(workdir), data)  # the main job's backbone has no PyTorch counterpart
 
 
 def _predict_on_files(tmp_path, workdir, data):
@@ -314,16 +318,16 @@ def _export(tmp_path, workdir, data):
   no_torch.mkdir(parents=True)
   (no_torch / "__init__.py").write_text("raise ImportError('torch is not installed')\n")
   result = run_documented(EXPORT[0], {"/tmp/detr_shapes_hf": str(hf_dir),
-                                      "/tmp/detr_shapes": workdir}, [data],
+                                      "/tmp/detr_shapes_r18": workdir}, [data],
                           env=_env(PYTHONPATH=str(no_torch.parent)))
   assert f"at {hf_dir}" in result.stdout
-  run_documented(EXPORT[1], {"/tmp/detr_shapes.pth": str(pth), "/tmp/detr_shapes": workdir},
+  run_documented(EXPORT[1], {"/tmp/detr_shapes.pth": str(pth), "/tmp/detr_shapes_r18": workdir},
                  [data])
   from transformers import DetrForObjectDetection  # pylint: disable=g-import-not-at-top
   hf_model = DetrForObjectDetection.from_pretrained(str(hf_dir))
   assert hf_model.config.id2label == dict(enumerate(shapes_data.CLASS_NAMES))
   trained = _checkpoint_params(workdir)
-  model_config = shapes.get_config().model
+  model_config = shapes_r18.get_config().model
   model_config.num_classes = len(shapes_data.CLASS_NAMES)
   for state in ({k: v.numpy() for k, v in hf_model.state_dict().items()},
                 torch.load(pth, map_location="cpu", weights_only=True)):
@@ -463,7 +467,7 @@ def test_benchmark_help_lists_its_documented_options(command):
 
 
 def test_train_bench_times_a_model_pytorch_lacks_alone():
-  """README results: the width-16 shapes_fast step and its parts, detr_jax only."""
+  """README results: the width-16 main job's step and its parts, detr_jax only."""
   result = run_documented(FAST_BENCH, {"--iters 20": "--iters 1"})
   assert re.search(r"train step detr_jax +median [0-9.]+ s", result.stdout), result.stdout
   parts = re.findall(r"^\| ([a-z +()]+) \| ([0-9]+) ms \|$", result.stdout, re.M)
@@ -478,7 +482,7 @@ def test_train_bench_times_a_model_pytorch_lacks_alone():
 
 def test_feed_bench_times_the_step_fed_by_each_input():
   """README results: the step fed by each training input, against the step before read-ahead."""
-  result = run_documented(FEED_BENCH, {"configs/shapes_fast.py": "configs/tiny_test.py"},
+  result = run_documented(FEED_BENCH, {"configs/shapes.py": "configs/tiny_test.py"},
                           extra=["--steps", "2", "--reps", "1", "--input_batches", "3"])
   loops = re.findall(r"^\| ([a-z_, ()]+) \| ([0-9.]+) \| ([0-9.]+)x \|$", result.stdout, re.M)
   assert [name for name, _, _ in loops] == [

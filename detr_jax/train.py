@@ -120,8 +120,8 @@ def _donated_state(mesh) -> tuple[int, ...]:
   parameters and AdamW moments instead of two. XLA then copies every moment it updates in place
   before the update (the parameter's update and the moment's both read the old moment): 280
   copies per step of the 6-minute shapes recipe (2 + 3 layers then), 12 ms of a 75 ms step on a
-  2-core CPU, where memory is not short. Without donation the step was 1.15x faster there (medians of 30
-  interleaved steps on a fixed batch); the values are the same.
+  2-core CPU, where memory is not short. Without donation the step was 1.15x faster there
+  (medians of 30 interleaved steps on a fixed batch); the values are the same.
   """
   return () if mesh.devices.flat[0].platform == "cpu" else (0,)
 

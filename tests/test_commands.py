@@ -228,8 +228,7 @@ def test_main_job_evaluate_and_tensorboard(tmp_path, data_dir):
   data = f"--config.dataset.data_dir={data_dir}"
   result = run_documented(MAIN_JOB, {"/tmp/detr_shapes": workdir}, [*_SMALL_SHAPES, data])
   # The 6-minute recipe's quarter-width backbone: far fewer parameters than a ResNet-18's 11M.
-  millions = float(re.search(r"Model: resnet18, ([\d.]+)M parameters", result.stderr).group(1))
-  assert millions < 3.0, result.stderr[-2000:]
+  assert _resnet18_million_parameters(result) < 3.0, result.stderr[-2000:]
   # What the README says the main job writes: checkpoints, AP, PNGs of predicted boxes.
   trained = json.loads((tmp_path / "detr_shapes" / "eval_metrics.json").read_text())
   assert trained["step"] == 2
@@ -273,9 +272,13 @@ def test_exportable_shapes_job_and_export(tmp_path, data_dir):
                            data])
   assert json.loads((workdir / "eval_metrics.json").read_text())["step"] == 2
   # torchvision's ResNet-18 (11.2M parameters) and the transformer.
-  millions = float(re.search(r"Model: resnet18, ([\d.]+)M parameters", result.stderr).group(1))
-  assert millions > 11.0, result.stderr[-2000:]
+  assert _resnet18_million_parameters(result) > 11.0, result.stderr[-2000:]
   _export(tmp_path, str(workdir), data)  # the main job's backbone has no PyTorch counterpart
+
+
+def _resnet18_million_parameters(result) -> float:
+  """The parameter count (millions) a shapes job logs for its ResNet-18 model."""
+  return float(re.search(r"Model: resnet18, ([\d.]+)M parameters", result.stderr).group(1))
 
 
 def _predict_on_files(tmp_path, workdir, data):

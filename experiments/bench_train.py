@@ -17,10 +17,14 @@ A model transformers' DETR cannot express (a backbone width other than 64, Group
 groups, anchors, denoising or one-to-many queries) is refused unless `--jax_only`, which times
 detr_jax alone: the step and the same parts.
 
-Prints the median step times, images/s and the ratio (>1: detr_jax faster), then a per-part table
-for both sides: backbone forward, backbone forward + backward (trained stages), whole model
-forward + backward (no loss), matching + loss (forward + gradient w.r.t. the outputs), optimizer
-update (clipping + AdamW). Needs the `convert` extra (torch, transformers).
+Prints the median step times, images/s and the ratio (>1: detr_jax faster); the work of a step
+(XLA's FLOP count of the step's program), each side's FLOP rate against this machine's float32
+matrix-product peak (the fastest 2048^3 product through XLA, NumPy and PyTorch, timed in the
+same process), and the step time at that peak: a lower bound for any step that does this work
+with direct convolutions and matrix products. Then a per-part table for both sides: backbone
+forward, backbone forward + backward (trained stages), whole model forward + backward (no loss),
+matching + loss (forward + gradient w.r.t. the outputs), optimizer update (clipping + AdamW).
+Needs the `convert` extra (torch, transformers).
 """
 
 import argparse
@@ -92,6 +96,44 @@ def _median_seconds(fn, iters):
   return statistics.median(times)
 
 
+def matmul_peak(torch=None, size=2048, repeats=5):
+  """This machine's float32 matrix-product rate: GFLOP/s of the fastest of `repeats` products of
+  two size x size matrices through XLA, NumPy and (given its module) PyTorch, by library."""
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal((size, size), np.float32) for _ in range(2))
+  xla_a, xla_b = jnp.asarray(a), jnp.asarray(b)
+  xla_dot = jax.jit(jnp.dot)
+  products = {"XLA": lambda: jax.block_until_ready(xla_dot(xla_a, xla_b)),
+              "NumPy": lambda: a @ b}
+  if torch is not None:
+    torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
+    products["PyTorch"] = lambda: torch.mm(torch_a, torch_b)
+  rates = {}
+  for name, product in products.items():
+    product()  # compilation, thread start-up
+    fastest = min(_median_seconds(product, 1) for _ in range(repeats))
+    rates[name] = 2 * size ** 3 / fastest / 1e9
+  return rates
+
+
+def print_flop_rates(gflop, medians, peaks, images):
+  """The FLOP rate of each side's step against this machine's matrix-product peak, and the
+  step time that peak would allow (a lower bound: no step runs faster than its FLOPs at the
+  rate of the best large matrix product)."""
+  peak = max(peaks.values())
+  print(f"work per step: {gflop:.1f} GFLOP (XLA's count for the detr_jax step"
+        + ("; the PyTorch step runs the same model and loss)" if "pytorch" in medians else ")"))
+  print(f"float32 matrix-product peak here: {peak:.0f} GFLOP/s (fastest 2048 x 2048 x 2048 "
+        f"product: {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())})")
+  print("FLOP rate: " + ", ".join(
+      f"{name} {gflop / seconds:.0f} GFLOP/s ({gflop / seconds / peak:.0%} of that peak)"
+      for name, seconds in medians.items()))
+  bound = gflop / peak
+  against = "pytorch" if "pytorch" in medians else "detr_jax"
+  print(f"a step at that peak would take {bound:.3f} s: at most "
+        f"{medians[against] / bound:.2f}x the {against} images/s ({images / bound:.2f} images/s)")
+
+
 # ------------------------------------------------------------------ detr_jax
 class JaxSide:
   """The project's train step (`train.make_train_step`, 1-device mesh) and its parts."""
@@ -106,6 +148,9 @@ class JaxSide:
     self.step_fn = train.make_train_step(config, self.model, self.tx, self.labels, self.mesh,
                                          schedules)
     self.batch = train.global_batch(batch, self.mesh)
+    # The work of one step: XLA's count of its floating-point operations (every multiply and add
+    # of the convolutions and matrix products, and the elementwise operations).
+    self.gflop = float(self.step_fn.lower(self.state, self.batch).cost_analysis()["flops"]) / 1e9
     self._parts()
 
   def step(self):
@@ -334,6 +379,8 @@ def main():
   if "pytorch" in medians:
     print(f"ratio detr_jax / pytorch images/s: "
           f"{medians['pytorch'] / medians['detr_jax']:.2f}x")
+  peaks = matmul_peak(sides["pytorch"].torch if "pytorch" in sides else None)
+  print_flop_rates(sides["detr_jax"].gflop, medians, peaks, args.batch)
 
   if args.no_parts:
     return

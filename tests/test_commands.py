@@ -481,9 +481,71 @@ def test_train_bench_times_a_model_pytorch_lacks_alone():
       "backbone forward", "backbone forward + backward", "model forward + backward (no loss)",
       "matching + loss (forward + grad)", "optimizer update"], result.stdout
   assert "pytorch" not in result.stdout.lower(), result.stdout
+  report = _flop_report(result.stdout)
+  assert report["against"] == "detr_jax" and "peak_PyTorch" not in report, report
   # Without --jax_only it says why there is nothing to compare with.
   refused = run_documented(FAST_BENCH.replace(" --jax_only", ""), expect_rc=2)
   assert "model.backbone_width=16" in refused.stderr and "--jax_only" in refused.stderr
+
+
+def _flop_report(stdout: str) -> dict[str, float]:
+  """The FLOP lines of experiments/bench_train.py: work, peak, rates and the peak's step time."""
+  work = re.search(r"^work per step: ([0-9.]+) GFLOP", stdout, re.M)
+  peak = re.search(r"^float32 matrix-product peak here: ([0-9]+) GFLOP/s \(fastest 2048 x 2048 "
+                   r"x 2048 product: (.*)\)$", stdout, re.M)
+  bound = re.search(r"^a step at that peak would take ([0-9.]+) s: at most ([0-9.]+)x the "
+                    r"(\w+) images/s", stdout, re.M)
+  assert work and peak and bound, stdout
+  by_library = dict((name, float(rate)) for name, rate in
+                    re.findall(r"(XLA|NumPy|PyTorch) ([0-9]+)", peak.group(2)))
+  rates = dict((name, float(rate)) for name, rate in
+               re.findall(r"(detr_jax|pytorch) ([0-9]+) GFLOP/s \(", stdout))
+  medians = dict((name, float(s)) for name, s in
+                 re.findall(r"^train step (\w+) +median ([0-9.]+) s", stdout, re.M))
+  gflop, best = float(work.group(1)), float(peak.group(1))
+  assert best == max(by_library.values()), stdout
+  assert abs(float(bound.group(1)) - gflop / best) <= 2e-3 + 0.01 * gflop / best, stdout
+  for name, seconds in medians.items():
+    # The printed rate is the work over the median step time; no step beats the peak's time.
+    assert abs(rates[name] - gflop / seconds) <= 1 + 0.01 * rates[name], stdout
+    assert float(bound.group(1)) < seconds, stdout
+  return {"gflop": gflop, "peak": best, **{f"peak_{k}": v for k, v in by_library.items()},
+          "bound_ratio": float(bound.group(2)), "against": bound.group(3)}
+
+
+def test_train_bench_against_pytorch_reports_flop_rates():
+  """The PyTorch side of experiments/bench_train.py on the tiny config (the README's R50 and
+  shapes_r18 runs take minutes): both steps, the ratio, the work and the peak's bound."""
+  result = run_documented(
+      "PYTHONPATH=. python experiments/bench_train.py --config configs/tiny_test.py --iters 2 "
+      "--no_parts")
+  assert re.search(r"^ratio detr_jax / pytorch images/s: [0-9.]+x$", result.stdout, re.M), (
+      result.stdout)
+  report = _flop_report(result.stdout)
+  assert set(k for k in report if k.startswith("peak_")) == {"peak_XLA", "peak_NumPy",
+                                                              "peak_PyTorch"}, report
+  assert report["against"] == "pytorch", report
+  # A closed form below the count: the trained ResNet-18's convolutions (64 x 64 images, batch
+  # 8), each multiply-add counted once per kernel tap that lands inside the map (XLA counts
+  # padding's taps as no work), in the forward pass, the weight gradient and, but for the stem's,
+  # the input gradient; two FLOPs per multiply-add. The transformer, heads, loss and the 3 x 3
+  # convolutions on 2 x 2 maps (products over zero-padded patches, see models/conv.py) add less.
+  def inside_taps(n, kernel, stride, pad):  # [sum over output rows of kernel rows inside] ** 2
+    rows = sum(sum(0 <= o * stride - pad + i < n for i in range(kernel))
+               for o in range((n + 2 * pad - kernel) // stride + 1))
+    return rows ** 2
+
+  stem = inside_taps(64, 7, 2, 3) * 3 * 64
+  body, n, channels = 0, 16, 64  # layer1 reads the 16 x 16 map after the stem's pooling
+  for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+    body += inside_taps(n, 3, stride, 1) * channels * width  # block 1, first convolution
+    if stride == 2:
+      body += inside_taps(n, 1, 2, 0) * channels * width  # its 1x1 downsample
+    n //= stride
+    body += 3 * inside_taps(n, 3, 1, 1) * width * width  # the other three
+    channels = width
+  backbone_gflop = 2 * 8 * (2 * stem + 3 * body) / 1e9
+  assert backbone_gflop < report["gflop"] < 2 * backbone_gflop, (report, backbone_gflop)
 
 
 def test_feed_bench_times_the_step_fed_by_each_input():

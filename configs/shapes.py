@@ -41,8 +41,8 @@ below as typed, this 2-core CPU): AP 0.653, AP50 0.947, AP75 0.764. At the drawi
 draws 26 duplicate detections in 25 of the 500 images and none in its 8 pictures; 96 of the 1752
 objects go undrawn. Minutes of training, which move with this machine's speed over a day (the AP
 does not: it repeats to the last digit): 5.3 (52 ms per step) on a fresh clone under its former name
-configs/shapes_fast.py, 6.9 on a fresh clone under this name at a slower hour, 6.0 on a warm working
-tree 40 minutes later. Other seeds (--config.seed=N, warm working tree; the default is 42) scatter
+configs/shapes_fast.py, 6.9 on a fresh clone under this name at a slower hour and 6.2 on a later
+one, 6.0 on a warm working tree 40 minutes after the 6.9. Other seeds (--config.seed=N, warm working tree; the default is 42) scatter
 around the goal: seed 0 AP 0.651, 24 duplicates; seed 1 AP 0.639, AP50 0.935, 65 duplicates in 59
 images, 2 of the 8 pictures with one (35 and 251). 5200 steps instead of 6000 fall short (AP 0.635
 and 0.632 on seeds 42 and 0). The recipe before the encoder change (2 + 3 layers, 5200 steps,

@@ -19,12 +19,12 @@ detr_jax alone: the step and the same parts.
 
 Prints the median step times, images/s and the ratio (>1: detr_jax faster); the work of a step
 (XLA's FLOP count of the step's program), each side's FLOP rate against this machine's float32
-matrix-product peak (the fastest 2048^3 product through XLA, NumPy and PyTorch, timed in the
-same process), and the step time at that peak: a lower bound for any step that does this work
-with direct convolutions and matrix products. Then a per-part table for both sides: backbone
-forward, backbone forward + backward (trained stages), whole model forward + backward (no loss),
-matching + loss (forward + gradient w.r.t. the outputs), optimizer update (clipping + AdamW).
-Needs the `convert` extra (torch, transformers).
+matrix-product peak (the fastest 2048^3 product through XLA, NumPy and, beside the PyTorch
+side, PyTorch, timed in the same process), and the step time at that peak: a lower bound for
+any step that does this work with direct convolutions and matrix products. Then a per-part table
+for both sides: backbone forward, backbone forward + backward (trained stages), whole model
+forward + backward (no loss), matching + loss (forward + gradient w.r.t. the outputs), optimizer
+update (clipping + AdamW). Needs the `convert` extra (torch, transformers).
 """
 
 import argparse

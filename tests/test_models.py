@@ -156,8 +156,8 @@ def test_matches_huggingface_detr_resnet50(enc_layers):
   # pixel-centre sampling (55 / 77), so the mask downsampling rule is checked too.
   images, pixel_mask = _inputs(batch=2, height=67, width=93, valid_size=(50, 70))
   with torch.no_grad():
-    hf_out = hf_model(pixel_values=torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2),
-                      pixel_mask=torch.from_numpy(np.asarray(pixel_mask)).long(),
+    hf_out = hf_model(pixel_values=torch.from_numpy(np.array(images)).permute(0, 3, 1, 2),
+                      pixel_mask=torch.from_numpy(np.array(pixel_mask)).long(),
                       output_hidden_states=True)
     # Aux heads: shared decoder layernorm on each un-normed intermediate decoder state.
     hf_aux = []

@@ -158,8 +158,9 @@ def _memory(compiled) -> dict[str, int]:
           "temp_bytes": int(stats.temp_size_in_bytes)}
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
+def program_flops(program) -> float:
+  """XLA's count of floating-point operations of a lowered or compiled program."""
+  cost = program.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0]
   return float(cost.get("flops", 0.0))
@@ -202,7 +203,7 @@ def _compile(program: str, bucket, per_chip_batch: int, lowered_fn) -> StepPlan:
                     compile_seconds=time.perf_counter() - start,
                     error=str(e).strip().splitlines()[0])
   return StepPlan(program, tuple(bucket), per_chip_batch, fits=True, **_memory(compiled),
-                  flops=_flops(compiled), compile_seconds=time.perf_counter() - start)
+                  flops=program_flops(compiled), compile_seconds=time.perf_counter() - start)
 
 
 def compile_train_step(config, mesh, per_chip_batch: int, bucket) -> StepPlan:

@@ -39,16 +39,21 @@ schedule on a CPU (this recipe was configs/shapes_fast.py until it became the ma
 Reaches (val, 500 images, after its 6000 steps; fresh clone with the README install, the command
 below as typed, this 2-core CPU): AP 0.653, AP50 0.947, AP75 0.764. At the drawing threshold 0.5 it
 draws 26 duplicate detections in 25 of the 500 images and none in its 8 pictures; 96 of the 1752
-objects go undrawn. Minutes of training, which move with this machine's speed over a day (the AP
-does not: it repeats to the last digit): 5.3 (52 ms per step) on a fresh clone under its former name
-configs/shapes_fast.py, 6.9 on a fresh clone under this name at a slower hour and 6.2 on a later
-one, 6.0 on a warm working tree 40 minutes after the 6.9. Other seeds (--config.seed=N, warm working tree; the default is 42) scatter
+objects go undrawn. Minutes of training, which move with this machine's speed over a day (the
+AP does not: it repeats to the last digit on one kind of CPU): 5.3 (52 ms per step) on a fresh
+clone under its former name configs/shapes_fast.py, 6.9 on a fresh clone under this name at a
+slower hour and 6.2 on a later one, 6.0 on a warm working tree 40 minutes after the 6.9. Other
+seeds (--config.seed=N, warm working tree; the default is 42) scatter
 around the goal: seed 0 AP 0.651, 24 duplicates; seed 1 AP 0.639, AP50 0.935, 65 duplicates in 59
 images, 2 of the 8 pictures with one (35 and 251). 5200 steps instead of 6000 fall short (AP 0.635
 and 0.632 on seeds 42 and 0). The recipe before the encoder change (2 + 3 layers, 5200 steps,
 no-object weight 0.5): AP 0.660 and 0.642 on the two seeds, 41 and 37 duplicates, 6.1 minutes on a
 fresh clone at a slower hour; before the no-object weight 0.5 as well: AP 0.659, 86 duplicates in 83
 images, 3 of the 8 pictures with one. README, "Matching and loss", has the runs.
+
+All of the above on an AMD EPYC. On an Intel Xeon (2.6 GHz), whose float32 round-off differs, the
+same command gave AP 0.6525, AP50 0.947, AP75 0.773, 51 duplicates in 48 images, one of them in the
+8 pictures (image 459), in 6.8 minutes (66-70 ms per step; working tree, new virtual environment).
 
 Hardware: any CPU (measured on 2 cores). Data: the shapes TFDS builder (detr_jax/data/shapes.py)
 is generated on first use under `dataset.data_dir` (no download; about a minute).

@@ -19,24 +19,29 @@ configs/shapes_fast.py: a quarter-width ResNet-18 trained from scratch whose tra
 layer3's stride-16 map, 2 encoder and 3 decoder layers of width 128, 8 object queries, the decoded
 training images kept in memory, batch 16, a cosine schedule), with learning rate 5e-4 warmed up
 over 300 steps (the shapes recipe's later 6e-4 over 500 steps was not tried here),
-on images resized to a 144 px short side, at most 192 px, fitted to about 20 minutes of this 2-core
-CPU (3800 steps of about 0.3 s). 8 queries suit the synthetic folder's at most 6 objects per image:
+on images resized to a 144 px short side, at most 192 px, 2400 steps: about 17 minutes of a 2-core
+CPU whose steps take 0.4 s (an Intel Xeon at 2.6 GHz), a margin under 20 minutes for slower hours
+(3800 steps, the config before, took 18.6 minutes where steps took 0.3 s, an AMD EPYC, and would
+take about 26 on the Xeon). 8 queries suit the synthetic folder's at most 6 objects per image:
 for your folder, set `dataset.max_boxes` to the most objects an image has (the job logs the boxes it
 drops beyond it) and `model.num_queries` a little above it; too many queries draw the same object
 twice (README, "Matching and loss").
 Its matching is the one the shapes recipe had before its no-object weight went to 0.5: class cost 3,
 `loss.cost_query_order=1` and no-object weight 0.2 (README, "A priority between queries"; 0.5
 not tried on the folder).
-Reaches, on the synthetic folder (the command above, one seed, this 2-core CPU), on a fresh clone
-(README install, the command above as typed): AP 0.367, AP50 0.848, AP75 0.214 on its 200
-validation images after 3800 steps in 18.6 minutes of training (AP50 0.721 at step 1900, 9.9
-minutes); at the drawing threshold 0.5, 719 detections, 586 of them right, 42 duplicates in 41 of
-the 200 images, 87 objects missed. The training images are cached resized (README, "Resized
+Reaches, on the synthetic folder (the command above, one seed, the Xeon), on a warm working tree:
+AP 0.281, AP50 0.761, AP75 0.107 on its 200 validation images after 2400 steps in 16.6 minutes of
+training (AP50 0.734 at step 1900, 13.2 minutes, in a run evaluated there); at the drawing
+threshold 0.5, 759 detections, 549 of them right, 66 duplicates in 60 of the 200 images, 124
+objects missed. With 3800 steps (--config.num_train_steps=3800, the config before), on a fresh
+clone on the EPYC (README install, the command above as typed): AP 0.367, AP50 0.848, AP75 0.214 in
+18.6 minutes (AP50 0.721 at step 1900, 9.9 minutes); 42 duplicates in 41 images, 87 objects
+missed. The training images are cached resized (README, "Resized
 cache"): the step, not the input, sets this config's speed, so that took as long as the decoded
 cache before it (--config.dataset.cache_train_resized=False), in less memory; the decoded cache
 gave AP 0.380, AP50 0.877 in 18.4 minutes on a fresh clone, AP 0.368, AP50 0.846 in 18.6 on a
-warm working tree (other flips and another order of the images: seed-like differences). With the
-official matching cost and no-object weight and the decoded cache (the recipe before:
+warm working tree (other flips and another order of the images: seed-like differences). These
+and the runs below: 3800 steps, the EPYC. With the official matching cost and no-object weight and the decoded cache (the recipe before:
 --config.loss.cost_class=1 --config.loss.cost_query_order=0 --config.loss.eos_coef=0.1
 --config.dataset.cache_train_resized=False), on a fresh clone (README install,
 the command as typed): AP 0.347, AP50 0.814 in 17.9 minutes (AP50 0.611 at step 1900), 195
@@ -96,7 +101,7 @@ def get_config():
 
   config.batch_size = 16
   config.eval_batch_size = 16
-  config.num_train_steps = 3800
+  config.num_train_steps = 2400  # about 17 minutes at 0.4 s per step (docstring)
   config.steps_per_epoch = -1  # from the number of training images
   # A faster learning rate than configs/shapes_r18.py's 3e-4, for the backbone and the
   # transformer, warmed up over 300 steps (README, "Matching and loss"); the 6-minute shapes recipe
@@ -104,8 +109,8 @@ def get_config():
   config.optimizer.lr = 5e-4
   config.optimizer.lr_backbone = 5e-4
   config.optimizer.warmup_steps = 300
-  config.eval_every_steps = 1900
-  config.checkpoint_every_steps = 1900
+  config.eval_every_steps = 1200
+  config.checkpoint_every_steps = 1200
   config.num_visualizations = 8
   config.num_predictions = 0
   return config

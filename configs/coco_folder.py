@@ -29,11 +29,12 @@ twice (README, "Matching and loss").
 Its matching is the one the shapes recipe had before its no-object weight went to 0.5: class cost 3,
 `loss.cost_query_order=1` and no-object weight 0.2 (README, "A priority between queries"; 0.5
 not tried on the folder).
-Reaches, on the synthetic folder (the command above, one seed, the Xeon), on a warm working tree:
-AP 0.281, AP50 0.761, AP75 0.107 on its 200 validation images after 2400 steps in 16.6 minutes of
-training (AP50 0.734 at step 1900, 13.2 minutes, in a run evaluated there); at the drawing
-threshold 0.5, 759 detections, 549 of them right, 66 duplicates in 60 of the 200 images, 124
-objects missed. With 3800 steps (--config.num_train_steps=3800, the config before), on a fresh
+Reaches, on the synthetic folder (the command above, one seed, the Xeon), on a fresh clone
+(README install, the two commands above as typed): AP 0.281, AP50 0.761, AP75 0.107 on its 200
+validation images after 2400 steps in 14.8 minutes of training (AP50 0.428 at step 1200); at the
+drawing threshold 0.5, 759 detections, 549 of them right, 66 duplicates in 60 of the 200 images,
+124 objects missed. A warm working tree gave the same losses and AP in 16.6 minutes, a slower
+hour (AP50 0.734 at step 1900 in a run evaluated there). With 3800 steps (--config.num_train_steps=3800, the config before), on a fresh
 clone on the EPYC (README install, the command above as typed): AP 0.367, AP50 0.848, AP75 0.214 in
 18.6 minutes (AP50 0.721 at step 1900, 9.9 minutes); 42 duplicates in 41 images, 87 objects
 missed. The training images are cached resized (README, "Resized

@@ -29,27 +29,27 @@ twice (README, "Matching and loss").
 Its matching is the one the shapes recipe had before its no-object weight went to 0.5: class cost 3,
 `loss.cost_query_order=1` and no-object weight 0.2 (README, "A priority between queries"; 0.5
 not tried on the folder).
-Reaches, on the synthetic folder (the command above, one seed, the Xeon), on a fresh clone
-(README install, the two commands above as typed): AP 0.281, AP50 0.761, AP75 0.107 on its 200
-validation images after 2400 steps in 14.8 minutes of training (AP50 0.428 at step 1200); at the
-drawing threshold 0.5, 759 detections, 549 of them right, 66 duplicates in 60 of the 200 images,
-124 objects missed. A warm working tree gave the same losses and AP in 16.6 minutes, a slower
-hour (AP50 0.734 at step 1900 in a run evaluated there). With 3800 steps (--config.num_train_steps=3800, the config before), on a fresh
-clone on the EPYC (README install, the command above as typed): AP 0.367, AP50 0.848, AP75 0.214 in
-18.6 minutes (AP50 0.721 at step 1900, 9.9 minutes); 42 duplicates in 41 images, 87 objects
-missed. The training images are cached resized (README, "Resized
-cache"): the step, not the input, sets this config's speed, so that took as long as the decoded
-cache before it (--config.dataset.cache_train_resized=False), in less memory; the decoded cache
-gave AP 0.380, AP50 0.877 in 18.4 minutes on a fresh clone, AP 0.368, AP50 0.846 in 18.6 on a
-warm working tree (other flips and another order of the images: seed-like differences). These
-and the runs below: 3800 steps, the EPYC. With the official matching cost and no-object weight and the decoded cache (the recipe before:
---config.loss.cost_class=1 --config.loss.cost_query_order=0 --config.loss.eos_coef=0.1
---config.dataset.cache_train_resized=False), on a fresh clone (README install,
-the command as typed): AP 0.347, AP50 0.814 in 17.9 minutes (AP50 0.611 at step 1900), 195
-duplicates in 138 images; seed 1 (--config.seed=1, warm tree) AP 0.357, AP50 0.799 in 20.1
-minutes, a slower hour (two runs of this config, in two processes, log other losses from a few
-hundred steps on; not explained). At lr 3e-4 with 100 warmup steps (the recipe before that) a
-fresh clone gave AP 0.269, AP50 0.697 in 20.3 minutes. README, "Matching and loss", has the runs.
+Reaches, on the synthetic folder (the command above, one seed, the Xeon), on a fresh clone (README
+install, the two commands above as typed): AP 0.281, AP50 0.761, AP75 0.107 on its 200 validation
+images after 2400 steps in 14.8 minutes of training (AP50 0.428 at step 1200); at the drawing
+threshold 0.5, 759 detections, 549 of them right, 66 duplicates in 60 of the 200 images, 124 objects
+missed. A warm working tree gave the same losses and AP in 16.6 minutes, a slower hour (AP50 0.734
+at step 1900 in a run evaluated there). With 3800 steps (--config.num_train_steps=3800, the config
+before), on a fresh clone on the EPYC (README install, the command above as typed): AP 0.367, AP50
+0.848, AP75 0.214 in 18.6 minutes (AP50 0.721 at step 1900, 9.9 minutes); 42 duplicates in 41
+images, 87 objects missed. The training images are cached resized (README, "Resized cache"): the
+step, not the input, sets this config's speed, so that took as long as the decoded cache before it
+(--config.dataset.cache_train_resized=False), in less memory; the decoded cache gave AP 0.380, AP50
+0.877 in 18.4 minutes on a fresh clone, AP 0.368, AP50 0.846 in 18.6 on a warm working tree (other
+flips and another order of the images: seed-like differences). These and the runs below: 3800 steps,
+the EPYC. With the official matching cost and no-object weight and the decoded cache (the recipe
+before: --config.loss.cost_class=1 --config.loss.cost_query_order=0 --config.loss.eos_coef=0.1
+--config.dataset.cache_train_resized=False), on a fresh clone (README install, the command as
+typed): AP 0.347, AP50 0.814 in 17.9 minutes (AP50 0.611 at step 1900), 195 duplicates in 138
+images; seed 1 (--config.seed=1, warm tree) AP 0.357, AP50 0.799 in 20.1 minutes, a slower hour (two
+runs of this config, in two processes, log other losses from a few hundred steps on; not explained).
+At lr 3e-4 with 100 warmup steps (the recipe before that) a fresh clone gave AP 0.269, AP50 0.697 in
+20.3 minutes. README, "Matching and loss", has the runs.
 """
 
 from configs import shapes_r18
